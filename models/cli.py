@@ -1,0 +1,133 @@
+"""``codec-train``: train, fine-tune, export and evaluate the codec.
+
+    codec-train train --data ~/.cache/codec-corpus --run runs/main --steps 200000
+    codec-train train --data my-voice/ --run runs/mine --init-from runs/main/latest.pt  # fine-tune
+    codec-train export --checkpoint runs/main/latest.pt --out streaming/assets/default
+    codec-train evaluate --checkpoint runs/main/latest.pt --data ../shared/data/dev
+
+``train`` resumes from ``<run>/latest.pt`` when it exists, so the same command continues an
+interrupted run (SIGTERM / Ctrl-C save a checkpoint before exiting).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+DEFAULT_CORPUS = Path.home() / ".cache" / "codec-corpus"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="codec-train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train or fine-tune (resumes automatically)")
+    train.add_argument("--data", type=Path, action="append",
+                       help=f"audio folder or manifest.csv (repeatable; default {DEFAULT_CORPUS})")
+    train.add_argument("--run", type=Path, required=True, help="run folder for checkpoints/logs")
+    train.add_argument("--steps", type=int, default=200_000, help="train until this step")
+    train.add_argument("--init-from", type=Path,
+                       help="start from these weights (fine-tuning): a .pt checkpoint")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a TrainConfig field, e.g. --set lr=3e-4 (codec.X for "
+                            "codec fields, only when starting a new run)")
+    train.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+
+    export = sub.add_parser("export", help="export ONNX encoder/decoder steps and a model card")
+    export.add_argument("--checkpoint", type=Path, help="trained checkpoint (.pt)")
+    export.add_argument("--random", action="store_true", help="export random weights (tests)")
+    export.add_argument("--out", type=Path, required=True, help="output model folder")
+    export.add_argument("--model-id", default=None, help="model id recorded in the card")
+    export.add_argument("--quality", type=Path, help="JSON of measured quality for the card")
+
+    evaluate = sub.add_parser("evaluate", help="quick quality check of a checkpoint on clips")
+    evaluate.add_argument("--checkpoint", type=Path, required=True)
+    evaluate.add_argument("--data", type=Path, required=True, help="folder of 16 kHz clips")
+    evaluate.add_argument("--codebooks", default="1,5,11", help="comma-separated counts")
+    evaluate.add_argument("--limit", type=int, default=0, help="first N clips only (0 = all)")
+    evaluate.add_argument("--json", type=Path, help="write results here too")
+    return parser
+
+
+def apply_overrides(config: object, pairs: list[str]) -> None:
+    """Set dataclass fields from KEY=VALUE strings, casting to the field's current type."""
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        target = config
+        *path, name = key.split(".")
+        for part in path:
+            target = getattr(target, part)
+        names = {f.name for f in fields(target)}  # type: ignore[arg-type]
+        if name not in names:
+            raise SystemExit(f"codec-train: unknown setting {key!r}")
+        current = getattr(target, name)
+        setattr(target, name, type(current)(json.loads(value) if isinstance(current, bool)
+                                            else value))
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    import torch
+
+    from models.codec import CodecConfig
+    from models.data import Corpus
+    from models.train import TrainConfig, Trainer, describe
+
+    config = TrainConfig()
+    latest = args.run / "latest.pt"
+    if latest.exists():
+        saved = torch.load(latest, map_location="cpu", weights_only=False)["config"]
+        codec = CodecConfig(**saved.pop("codec"))
+        config = TrainConfig(**saved, codec=codec)
+    apply_overrides(config, args.set)
+    if args.threads:
+        config.threads = args.threads
+    torch.set_num_threads(config.threads)
+    sources = args.data or [DEFAULT_CORPUS]
+    corpus = Corpus.load(sources, config.codec.sample_rate)
+    print(f"corpus: {corpus.files} files, {corpus.hours:.2f} h", file=sys.stderr)
+    trainer = Trainer(args.run, config, corpus)
+    if latest.exists():
+        trainer.load(latest)
+        print(f"resumed {latest} at step {trainer.step}", file=sys.stderr)
+    elif args.init_from:
+        trainer.load(args.init_from, weights_only=True)
+        print(f"fine-tuning from {args.init_from}", file=sys.stderr)
+    print(f"model: {describe(trainer.model)}", file=sys.stderr)
+    trainer.run(args.steps)
+    print(f"stopped at step {trainer.step}; checkpoint {latest}", file=sys.stderr)
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from models.export import export_model
+
+    if not args.checkpoint and not args.random:
+        raise SystemExit("codec-train export: give --checkpoint or --random")
+    quality = json.loads(args.quality.read_text()) if args.quality else None
+    card = export_model(args.out, checkpoint=args.checkpoint, model_id=args.model_id,
+                        quality=quality)
+    print(json.dumps({k: card[k] for k in ("model_id", "latency_ms", "mflops_per_second")},
+                     indent=2))
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from models.evaluate import evaluate_checkpoint
+
+    counts = [int(c) for c in args.codebooks.split(",")]
+    results = evaluate_checkpoint(args.checkpoint, args.data, counts, limit=args.limit)
+    text = json.dumps(results, indent=2)
+    print(text)
+    if args.json:
+        args.json.write_text(text)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    {"train": cmd_train, "export": cmd_export, "evaluate": cmd_evaluate}[args.command](args)
+
+
+if __name__ == "__main__":
+    main()

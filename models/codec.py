@@ -1,0 +1,296 @@
+"""Causal MDCT-domain neural speech codec with shape-gain decomposition and residual VQ.
+
+Signal path for one 20 ms frame (N = 320 samples at 16 kHz, L = 80 samples overlap):
+
+    pcm span [N+L] -> MDCT [N] -> gain (scalar-quantized, sent apart) and shape = MDCT / gain
+    shape -> features -> causal ConvNeXt encoder -> latent [D] -> RVQ (Q codebooks)
+    RVQ vectors -> causal ConvNeXt decoder -> shape estimate [N] -> x gain -> IMDCT -> overlap-add
+
+Every layer is causal over frames, so the model runs frame by frame with explicit state
+(:meth:`CausalCodec.encoder_step`, :meth:`CausalCodec.decoder_step`) and gives exactly the
+full-sequence output (:meth:`CausalCodec.forward`). The network works on level-normalized
+shapes only ("The Equalizer", arXiv 2602.15491): input level changes only the gain index.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from models.mdct import frame_spans, mdct_matrix, overlap_add
+from models.quantizer import QuantizerOutput, ResidualVQ
+
+
+@dataclass
+class CodecConfig:
+    """Hyper-parameters of :class:`CausalCodec` (all sizes in samples, frames or channels)."""
+
+    sample_rate: int = 16000
+    frame_size: int = 320
+    overlap: int = 80
+    channels: int = 256
+    encoder_blocks: int = 6
+    decoder_blocks: int = 6
+    kernel: int = 7
+    mlp_mult: int = 3
+    latent_dim: int = 64
+    num_codebooks: int = 12
+    codebook_size: int = 1024
+    quantizer_dropout: float = 0.75
+    gain_bits: int = 6
+    gain_min_db: float = -90.0
+    gain_step_db: float = 1.5
+    feature_floor: float = 1e-3
+    extra: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+@dataclass
+class CodecOutput:
+    """Full-sequence result. pcm: [B, T*N]; codes: [B, T, Q]; gain_index: [B, T]."""
+
+    pcm: torch.Tensor
+    codes: torch.Tensor
+    gain_index: torch.Tensor
+    latents: torch.Tensor
+    quantizer: QuantizerOutput
+
+
+class CausalConvNeXtBlock(nn.Module):
+    """ConvNeXt block over frames: causal depthwise conv, LayerNorm, pointwise MLP, residual.
+
+    Full sequence: x [B, T, C] -> [B, T, C]. Step: x [B, 1, C] and state [B, C, kernel-1].
+    """
+
+    def __init__(self, channels: int, kernel: int, mlp_mult: int, layer_scale: float):
+        super().__init__()
+        self.kernel = kernel
+        self.depthwise = nn.Conv1d(channels, channels, kernel, groups=channels)
+        self.norm = nn.LayerNorm(channels)
+        self.up = nn.Linear(channels, channels * mlp_mult)
+        self.down = nn.Linear(channels * mlp_mult, channels)
+        self.scale = nn.Parameter(torch.full((channels,), layer_scale))
+
+    def _mlp(self, mixed: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        hidden = self.down(nn.functional.gelu(self.up(self.norm(mixed))))
+        return residual + self.scale * hidden
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        padded = nn.functional.pad(x.transpose(1, 2), (self.kernel - 1, 0))
+        return self._mlp(self.depthwise(padded).transpose(1, 2), x)
+
+    def step(self, x: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A chunk of T frames: x [B, T, C], state [B, C, kernel-1] -> (y, next state)."""
+        window = torch.cat([state, x.transpose(1, 2)], dim=2)
+        mixed = self.depthwise(window).transpose(1, 2)
+        return self._mlp(mixed, x), window[:, :, window.shape[2] - (self.kernel - 1) :]
+
+
+class FrameNetwork(nn.Module):
+    """Linear in, a stack of causal ConvNeXt blocks, LayerNorm, linear out. [B,T,I] -> [B,T,O]."""
+
+    def __init__(self, in_dim: int, out_dim: int, config: CodecConfig, blocks: int):
+        super().__init__()
+        self.inp = nn.Linear(in_dim, config.channels)
+        self.blocks = nn.ModuleList(
+            CausalConvNeXtBlock(config.channels, config.kernel, config.mlp_mult, 1.0 / blocks)
+            for _ in range(blocks)
+        )
+        self.norm = nn.LayerNorm(config.channels)
+        self.out = nn.Linear(config.channels, out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        for block in self.blocks:
+            h = block(h)
+        return self.out(self.norm(h))
+
+    def step(
+        self, x: torch.Tensor, states: list[torch.Tensor]
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        h = self.inp(x)
+        new_states = []
+        for block, state in zip(self.blocks, states, strict=True):
+            h, new_state = block.step(h, state)
+            new_states.append(new_state)
+        return self.out(self.norm(h)), new_states
+
+    def state_shapes(self) -> list[tuple[int, int]]:
+        return [(b.depthwise.in_channels, b.kernel - 1) for b in self.blocks]
+
+
+class CausalCodec(nn.Module):
+    """The codec: shape-gain MDCT front end, causal encoder, RVQ, causal decoder."""
+
+    def __init__(self, config: CodecConfig):
+        super().__init__()
+        self.config = config
+        n = config.frame_size
+        self.register_buffer("analysis", mdct_matrix(n, config.overlap), persistent=False)
+        self.encoder = FrameNetwork(2 * n, config.latent_dim, config, config.encoder_blocks)
+        self.quantizer = ResidualVQ(
+            config.num_codebooks, config.codebook_size, config.latent_dim, config.quantizer_dropout
+        )
+        self.decoder = FrameNetwork(config.latent_dim, n, config, config.decoder_blocks)
+        nn.init.normal_(self.decoder.out.weight, std=1e-3)
+        nn.init.zeros_(self.decoder.out.bias)
+
+    # -- shape-gain front end -------------------------------------------------------------
+    def gain_index(self, coeffs: torch.Tensor) -> torch.Tensor:
+        """Quantized frame gain: coeffs [..., N] -> int64 index [...] in [0, 2**gain_bits)."""
+        c = self.config
+        level_db = 10.0 * torch.log10(coeffs.detach().pow(2).mean(-1) + 1e-12)
+        index = torch.round((level_db - c.gain_min_db) / c.gain_step_db)
+        return index.clamp(0, 2**c.gain_bits - 1).to(torch.int64)
+
+    def gain_value(self, index: torch.Tensor) -> torch.Tensor:
+        """Linear RMS gain of a gain index: int64 [...] -> float [..., 1]."""
+        c = self.config
+        level_db = c.gain_min_db + c.gain_step_db * index.to(torch.float32)
+        return torch.pow(10.0, level_db / 20.0)[..., None]
+
+    def features(self, shape: torch.Tensor) -> torch.Tensor:
+        """Encoder input from level-normalized MDCT shape [..., N] -> [..., 2N]."""
+        signed = torch.sign(shape) * torch.log1p(4.0 * shape.abs())
+        log_power = torch.log(shape.pow(2) + self.config.feature_floor)
+        return torch.cat([signed, log_power], dim=-1)
+
+    def analyse(self, spans: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Frame spans [..., N+L] -> (features [..., 2N], gain index [...], gain [..., 1])."""
+        coeffs = spans @ self.analysis.T
+        index = self.gain_index(coeffs)
+        gain = self.gain_value(index)
+        return self.features(coeffs / gain), index, gain
+
+    def synthesise_spans(self, shape: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
+        """Decoded shape [..., N] times gain [..., 1] -> synthesis spans [..., N+L]."""
+        return (shape * gain) @ self.analysis
+
+    # -- full sequence ----------------------------------------------------------------------
+    def encode_latents(self, pcm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """PCM [B, T*N] -> (latents [B, T, D], gain index [B, T], gain [B, T, 1])."""
+        spans = frame_spans(pcm, self.config.frame_size, self.config.overlap)
+        feats, index, gain = self.analyse(spans)
+        return self.encoder(feats), index, gain
+
+    def decode_latents(self, quantized: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
+        """Quantized latents [B, T, D] and gain [B, T, 1] -> aligned PCM [B, T*N]."""
+        spans = self.synthesise_spans(self.decoder(quantized), gain)
+        return overlap_add(spans, self.config.frame_size, self.config.overlap)
+
+    def forward(self, pcm: torch.Tensor, counts: torch.Tensor | None = None) -> CodecOutput:
+        """Encode, quantize (``counts`` [B] codebooks per row; sampled in training), decode.
+
+        pcm: [B, T*N] float in [-1, 1]. Output pcm is aligned with the input; its last L
+        samples are incomplete (they need the next frame's overlap).
+        """
+        latents, index, gain = self.encode_latents(pcm)
+        quant = self.quantizer(latents, counts)
+        decoded = self.decode_latents(quant.quantized, gain)
+        return CodecOutput(decoded, quant.codes, index, latents, quant)
+
+    @torch.no_grad()
+    def encode(self, pcm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """PCM [B, T*N] -> (codes [B, T, Q], gain index [B, T])."""
+        latents, index, _ = self.encode_latents(pcm)
+        return self.quantizer.encode(latents), index
+
+    @torch.no_grad()
+    def decode(self, codes: torch.Tensor, gain_index: torch.Tensor, count: int) -> torch.Tensor:
+        """Codes [B, T, Q], gain index [B, T], ``count`` codebooks -> aligned PCM [B, T*N]."""
+        counts = torch.full((codes.shape[0],), count, dtype=torch.long)
+        return self.decode_latents(
+            self.quantizer.decode(codes, counts), self.gain_value(gain_index)
+        )
+
+    # -- streaming steps ----------------------------------------------------------------------
+    def encoder_state_shapes(self) -> list[tuple[str, tuple[int, ...]]]:
+        """Names and per-stream shapes of the encoder's state tensors."""
+        shapes = [("pcm_history", (self.config.overlap,))]
+        for i, shape in enumerate(self.encoder.state_shapes()):
+            shapes.append((f"enc_block{i}", shape))
+        return shapes
+
+    def decoder_state_shapes(self) -> list[tuple[str, tuple[int, ...]]]:
+        """Names and per-stream shapes of the decoder's state tensors."""
+        shapes = [("synthesis_tail", (self.config.overlap,))]
+        for i, shape in enumerate(self.decoder.state_shapes()):
+            shapes.append((f"dec_block{i}", shape))
+        return shapes
+
+    def initial_state(self, which: str, batch: int) -> list[torch.Tensor]:
+        shapes = self.encoder_state_shapes() if which == "encoder" else self.decoder_state_shapes()
+        return [torch.zeros((batch, *shape)) for _, shape in shapes]
+
+    def encoder_step(
+        self, pcm: torch.Tensor, states: list[torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """One frame: pcm [B, N] -> (codes [B, Q], gain index [B], next states).
+
+        Also takes a chunk of T frames: pcm [B, T*N] -> (codes [B, T, Q], gain [B, T], ...).
+        """
+        n, overlap = self.config.frame_size, self.config.overlap
+        history, block_states = states[0], states[1:]
+        joined = torch.cat([history, pcm], dim=-1)
+        single = pcm.shape[-1] == n  # the exported graph: one frame, no unfold
+        spans = joined[:, None, :] if single else joined.unfold(-1, n + overlap, n)
+        feats, index, _ = self.analyse(spans)  # spans: [B, T, N+L]
+        latent, new_blocks = self.encoder.step(feats, block_states)
+        codes = self.quantizer.encode(latent)
+        if single:
+            codes, index = codes[:, 0, :], index[:, 0]
+        return codes, index, [joined[:, joined.shape[-1] - overlap :], *new_blocks]
+
+    def decoder_step(
+        self,
+        codes: torch.Tensor,
+        num_codebooks: torch.Tensor,
+        gain_index: torch.Tensor,
+        states: list[torch.Tensor],
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """One frame: codes [B, Q], counts [B], gain index [B] -> (pcm [B, N], next states).
+
+        Also takes a chunk: codes [B, T, Q], gain index [B, T] -> pcm [B, T*N]. The samples
+        returned lag the encoder's input by L samples (the overlap-add delay).
+        """
+        single = codes.dim() == 2
+        if single:
+            codes, gain_index = codes[:, None, :], gain_index[:, None]
+        tail, block_states = states[0], states[1:]
+        quantized = self.quantizer.decode(codes, num_codebooks)
+        shape, new_blocks = self.decoder.step(quantized, block_states)
+        spans = self.synthesise_spans(shape, self.gain_value(gain_index))  # [B, T, N+L]
+        n, overlap = self.config.frame_size, self.config.overlap
+        pieces = []
+        for index in range(spans.shape[1]):  # T is small (1 in the exported graph)
+            span = spans[:, index]
+            pieces += [span[:, :overlap] + tail, span[:, overlap:n]]
+            tail = span[:, n:]
+        return torch.cat(pieces, dim=-1), [tail, *new_blocks]
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def macs_per_frame(config: CodecConfig) -> dict[str, int]:
+    """Multiply-accumulates per frame of the encoder and decoder steps (analytic count)."""
+    n, lap, ch, d = config.frame_size, config.overlap, config.channels, config.latent_dim
+    block = 2 * ch * ch * config.mlp_mult + ch * config.kernel
+    mdct = n * (n + lap)
+    vq = config.num_codebooks * config.codebook_size * d
+    encoder = mdct + 2 * n * ch + config.encoder_blocks * block + ch * d + vq
+    decoder = config.num_codebooks * d + d * ch + config.decoder_blocks * block + ch * n + mdct
+    return {"encoder": encoder, "decoder": decoder}
+
+
+def mflops_per_second(config: CodecConfig) -> dict[str, float]:
+    """MFLOPs (2 per MAC) per second of audio, from :func:`macs_per_frame`."""
+    frames = config.sample_rate / config.frame_size
+    return {k: 2 * v * frames / 1e6 for k, v in macs_per_frame(config).items()}
+
+

@@ -1,0 +1,194 @@
+"""ONNX export of the codec's streaming steps, with the model card (card.json + metadata).
+
+``encoder.onnx``: ``step(pcm, *in_state) -> (codes, gain_index, *out_state)``
+``decoder.onnx``: ``step(codes, num_codebooks, gain_index, *in_state) -> (pcm, *out_state)``
+See docs/model-interface.md for names, shapes and the card's fields.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from models.codec import CausalCodec, CodecConfig, count_parameters, mflops_per_second
+
+CARD_FORMAT = "codecstream-model"
+CARD_VERSION = 1
+METADATA_KEY = "codecstream.card"
+OPSET = 17
+
+TRAINING_DATA = [
+    {"source": "LibriSpeech excerpts (train-clean-100 and others)", "license": "CC-BY-4.0"},
+    {"source": "Debian game/education voice packages (tuxpaint-stamps-default, fillets-ng-data-"
+               "cs/nl, klettres-data, ktuberling-data, hedgewars-data, megaglest-data, flight-of-"
+               "the-amazon-queen, drascula*, asterisk-core-sounds-*)",
+     "license": "per package: GPL-2/GPL-2+, CC-BY-SA, freeware game data (see Debian copyright)"},
+]
+
+
+class EncoderStep(nn.Module):
+    def __init__(self, model: CausalCodec):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pcm: torch.Tensor, *states: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        codes, gain_index, new_states = self.model.encoder_step(pcm, list(states))
+        return (codes, gain_index, *new_states)
+
+
+class DecoderStep(nn.Module):
+    def __init__(self, model: CausalCodec):
+        super().__init__()
+        self.model = model
+
+    def forward(self, codes: torch.Tensor, num_codebooks: torch.Tensor, gain_index: torch.Tensor,
+                *states: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        pcm, new_states = self.model.decoder_step(codes, num_codebooks, gain_index, list(states))
+        return (pcm, *new_states)
+
+
+def load_checkpoint(path: Path) -> tuple[CausalCodec, dict[str, Any]]:
+    """Model (eval mode) and the checkpoint's metadata (step, config) from a .pt file."""
+    blob = torch.load(path, map_location="cpu", weights_only=False)
+    codec_config = CodecConfig(**blob["config"]["codec"])
+    model = CausalCodec(codec_config)
+    model.load_state_dict(blob["model"])
+    model.eval()
+    return model, {"step": int(blob.get("step", 0)), "config": blob["config"]}
+
+
+def random_model(config: CodecConfig | None = None, seed: int = 0) -> CausalCodec:
+    """An untrained model whose codebooks are initialised (for tests and scaffolding)."""
+    torch.manual_seed(seed)
+    model = CausalCodec(config or CodecConfig())
+    model.train()
+    with torch.no_grad():
+        model(0.1 * torch.randn(2, model.config.frame_size * 40))
+    model.eval()
+    return model
+
+
+def _export_graph(module: nn.Module, args: tuple[torch.Tensor, ...], path: Path,
+                  inputs: list[str], outputs: list[str]) -> None:
+    dynamic = {name: {0: "batch"} for name in inputs + outputs}
+    torch.onnx.export(module, args, str(path), input_names=inputs, output_names=outputs,
+                      dynamic_axes=dynamic, opset_version=OPSET, dynamo=False)
+
+
+def export_graphs(model: CausalCodec, out_dir: Path) -> dict[str, list[dict[str, Any]]]:
+    """Write encoder.onnx and decoder.onnx; return the state tables for the card."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config = model.config
+    batch = 2
+    enc_states = model.encoder_state_shapes()
+    dec_states = model.decoder_state_shapes()
+    pcm = torch.zeros(batch, config.frame_size)
+    enc_in = ["pcm"] + [f"in_{n}" for n, _ in enc_states]
+    enc_out = ["codes", "gain_index"] + [f"out_{n}" for n, _ in enc_states]
+    with torch.no_grad():
+        _export_graph(EncoderStep(model), (pcm, *model.initial_state("encoder", batch)),
+                      out_dir / "encoder.onnx", enc_in, enc_out)
+        codes = torch.zeros(batch, config.num_codebooks, dtype=torch.int64)
+        counts = torch.full((batch,), config.num_codebooks, dtype=torch.int64)
+        gains = torch.zeros(batch, dtype=torch.int64)
+        dec_in = ["codes", "num_codebooks", "gain_index"] + [f"in_{n}" for n, _ in dec_states]
+        dec_out = ["pcm"] + [f"out_{n}" for n, _ in dec_states]
+        _export_graph(DecoderStep(model), (codes, counts, gains,
+                                           *model.initial_state("decoder", batch)),
+                      out_dir / "decoder.onnx", dec_in, dec_out)
+
+    def table(states: list[tuple[str, tuple[int, ...]]]) -> list[dict[str, Any]]:
+        return [{"name": n, "shape": list(s), "dtype": "float32"} for n, s in states]
+
+    return {"encoder": table(enc_states), "decoder": table(dec_states)}
+
+
+def bitrates(config: CodecConfig) -> dict[str, float]:
+    """Nominal kbps per codebook count: (4 + gain bits + 10 * count) bits per frame."""
+    code_bits = int(np.log2(config.codebook_size))
+    frames_per_s = config.sample_rate / config.frame_size
+    return {str(q): (4 + config.gain_bits + code_bits * q) * frames_per_s / 1000
+            for q in range(1, config.num_codebooks + 1)}
+
+
+def build_card(model: CausalCodec, states: dict[str, list[dict[str, Any]]], model_id: str,
+               random_weights: bool, meta: dict[str, Any], quality: dict[str, Any] | None,
+               measured_latency_ms: float | None) -> dict[str, Any]:
+    config = model.config
+    frame_ms = 1000 * config.frame_size / config.sample_rate
+    overlap_ms = 1000 * config.overlap / config.sample_rate
+    return {
+        "format": CARD_FORMAT,
+        "format_version": CARD_VERSION,
+        "model_id": model_id,
+        "random_weights": random_weights,
+        "description": ("Causal MDCT-domain neural speech codec: shape-gain split, ConvNeXt "
+                        "encoder/decoder over 20 ms frames, residual VQ with quantizer dropout"
+                        + (" -- UNTRAINED RANDOM WEIGHTS, for tests only" if random_weights
+                           else "")),
+        "sample_rate": config.sample_rate,
+        "frame_size": config.frame_size,
+        "output_delay_samples": config.overlap,
+        "num_codebooks": config.num_codebooks,
+        "codebook_size": config.codebook_size,
+        "code_bits": int(np.log2(config.codebook_size)),
+        "gain": {"bits": config.gain_bits, "min_db": config.gain_min_db,
+                 "step_db": config.gain_step_db},
+        "bitrates_kbps": bitrates(config),
+        "encoder": {"file": "encoder.onnx", "states": states["encoder"]},
+        "decoder": {"file": "decoder.onnx", "states": states["decoder"]},
+        "latency_ms": {"frame": frame_ms, "overlap": overlap_ms,
+                       "algorithmic": frame_ms + overlap_ms,
+                       "measured_impulse": measured_latency_ms},
+        "mflops_per_second": {k: round(v, 1) for k, v in mflops_per_second(config).items()},
+        "parameters": {"encoder": count_parameters(model.encoder),
+                       "decoder": count_parameters(model.decoder),
+                       "quantizer": sum(int(s.embedding.numel())
+                                        for s in model.quantizer.stages)},
+        "training": {"steps": meta.get("step", 0), "data": TRAINING_DATA,
+                     "config": meta.get("config")},
+        "quality": quality or {},
+    }
+
+
+def embed_card(path: Path, card: dict[str, Any]) -> None:
+    graph = onnx.load(str(path))
+    del graph.metadata_props[:]
+    entry = graph.metadata_props.add()
+    entry.key, entry.value = METADATA_KEY, json.dumps(card, sort_keys=True)
+    onnx.save(graph, str(path))
+
+
+def export_model(out_dir: Path, checkpoint: Path | None = None, model_id: str | None = None,
+                 quality: dict[str, Any] | None = None, model: CausalCodec | None = None,
+                 random_weights: bool | None = None) -> dict[str, Any]:
+    """Export a checkpoint (or ``model``, or random weights) to ``out_dir``; return the card.
+
+    ``random_weights`` labels the card; by default a model without a checkpoint is untrained.
+    """
+    meta: dict[str, Any] = {}
+    if random_weights is None:
+        random_weights = checkpoint is None
+    if checkpoint is not None:
+        model, meta = load_checkpoint(checkpoint)
+    elif model is None:
+        model = random_model()
+    states = export_graphs(model, out_dir)
+    digest = hashlib.sha256((out_dir / "decoder.onnx").read_bytes()).hexdigest()[:8]
+    prefix = "cs-mdct-random" if random_weights else "cs-mdct"
+    model_id = model_id or f"{prefix}-{meta.get('step', 0)}-{digest}"
+    from models.measure import impulse_latency_ms
+
+    latency = impulse_latency_ms(out_dir, model.config)
+    card = build_card(model, states, model_id, random_weights, meta, quality, latency)
+    for name in ("encoder.onnx", "decoder.onnx"):
+        embed_card(out_dir / name, card)
+    (out_dir / "card.json").write_text(json.dumps(card, indent=2) + "\n")
+    return card

@@ -1,0 +1,177 @@
+"""Training loop: background-safe, checkpoints regularly, resumes after any interruption.
+
+One step: random crops -> codec forward with quantizer dropout -> multi-resolution spectral
+losses + RVQ commitment + (after ``idem_start``) the Code Drift idempotence term L_code: the
+decoded audio is re-encoded and its latents are pulled towards the code vectors chosen in the
+first encoding (arXiv 2410.11025).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from models.codec import CausalCodec, CodecConfig, count_parameters
+from models.data import Corpus
+from models.losses import MultiResolutionSpectralLoss
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings; stored in every checkpoint."""
+
+    batch: int = 16
+    seconds: float = 1.28
+    lr: float = 6e-4
+    warmup: int = 500
+    lr_decay_per_step: float = 0.99997
+    lr_floor: float = 5e-5
+    weight_mel: float = 1.0
+    weight_log_mag: float = 1.0
+    weight_convergence: float = 1.0
+    weight_commit: float = 0.25
+    weight_idem: float = 0.5
+    idem_start: int = 10000
+    grad_clip: float = 5.0
+    checkpoint_every: int = 250
+    keep_every: int = 5000
+    log_every: int = 25
+    seed: int = 0
+    threads: int = 2
+    codec: CodecConfig = field(default_factory=CodecConfig)
+
+
+def learning_rate(config: TrainConfig, step: int) -> float:
+    warm = min(1.0, (step + 1) / max(1, config.warmup))
+    return max(config.lr_floor, config.lr * warm * config.lr_decay_per_step**step)
+
+
+def idempotence_loss(model: CausalCodec, decoded: torch.Tensor, quantized: torch.Tensor,
+                     counts: torch.Tensor) -> torch.Tensor:
+    """L_code: re-encoded latents [B,T,D] vs. the first pass's chosen code-vector sums."""
+    relatents, _, _ = model.encode_latents(decoded)
+    frames = min(relatents.shape[1], quantized.shape[1]) - 1  # last frame is incomplete
+    diff = relatents[:, :frames] - quantized[:, :frames].detach()
+    return diff.pow(2).mean()
+
+
+class Trainer:
+    """Owns model, optimizer, data stream and checkpoint folder ``run_dir``."""
+
+    def __init__(self, run_dir: Path, config: TrainConfig, corpus: Corpus):
+        self.run_dir, self.config, self.corpus = run_dir, config, corpus
+        torch.manual_seed(config.seed)
+        self.model = CausalCodec(config.codec)
+        self.loss = MultiResolutionSpectralLoss(config.codec.sample_rate)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr,
+                                           betas=(0.8, 0.99), weight_decay=0.0)
+        self.step = 0
+        self.stop_requested = False
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "step": self.step, "config": asdict(self.config),
+                "rng": torch.get_rng_state()}
+
+    def save(self, name: str = "latest.pt") -> Path:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        path = self.run_dir / name
+        tmp = path.with_suffix(".tmp")
+        torch.save(self.state(), tmp)
+        os.replace(tmp, path)
+        return path
+
+    def load(self, path: Path, weights_only: bool = False) -> None:
+        blob = torch.load(path, map_location="cpu", weights_only=False)
+        self.model.load_state_dict(blob["model"])
+        if not weights_only:
+            self.optimizer.load_state_dict(blob["optimizer"])
+            self.step = int(blob["step"])
+            torch.set_rng_state(blob["rng"])
+
+    # -- one step ----------------------------------------------------------------------------
+    def train_step(self, batch: np.ndarray) -> dict[str, float]:
+        config = self.config
+        pcm = torch.from_numpy(batch)
+        out = self.model(pcm)
+        valid = pcm.shape[1] - config.codec.overlap  # last L samples are incomplete
+        terms = self.loss(out.pcm[:, :valid], pcm[:, :valid])
+        total = (config.weight_mel * terms["mel"] + config.weight_log_mag * terms["log_mag"]
+                 + config.weight_convergence * terms["convergence"]
+                 + config.weight_commit * out.quantizer.commitment)
+        logs = {k: float(v.detach()) for k, v in terms.items()}
+        logs["commit"] = float(out.quantizer.commitment)
+        if self.step >= config.idem_start and config.weight_idem > 0:
+            idem = idempotence_loss(self.model, out.pcm, out.quantizer.quantized,
+                                    out.quantizer.used_codebooks)
+            total = total + config.weight_idem * idem
+            logs["idem"] = float(idem)
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate(config, self.step)
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip)
+        self.optimizer.step()
+        self.step += 1
+        logs.update(total=float(total), grad_norm=float(grad_norm),
+                    lr=self.optimizer.param_groups[0]["lr"])
+        return logs
+
+    def usage(self) -> list[float]:
+        """Fraction of live codes per stage (EMA count above the dead threshold)."""
+        return [float((s.cluster_size > s.dead_threshold).float().mean())
+                for s in self.model.quantizer.stages]
+
+    # -- the loop ----------------------------------------------------------------------------
+    def run(self, steps: int) -> None:
+        config = self.config
+        signal.signal(signal.SIGTERM, self._request_stop)
+        signal.signal(signal.SIGINT, self._request_stop)
+        samples = int(config.seconds * config.codec.sample_rate)
+        samples -= samples % config.codec.frame_size
+        batches = self.corpus.batches(config.batch, samples, seed=config.seed + self.step)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        log_path = self.run_dir / "log.jsonl"
+        running: dict[str, float] = {}
+        progress = tqdm(total=steps, initial=min(self.step, steps), desc="training",
+                        unit="step", dynamic_ncols=True, mininterval=5.0)
+        started = time.time()
+        while self.step < steps and not self.stop_requested:
+            logs = self.train_step(next(batches))
+            for key, value in logs.items():
+                running[key] = running.get(key, 0.0) + value
+            progress.update(1)
+            if self.step % config.log_every == 0:
+                mean = {k: v / config.log_every for k, v in running.items()}
+                mean.update(step=self.step, elapsed_s=time.time() - started,
+                            usage=self.usage())
+                with log_path.open("a") as handle:
+                    handle.write(json.dumps(mean) + "\n")
+                progress.set_postfix(mel=f"{mean['mel']:.3f}", lm=f"{mean['log_mag']:.3f}")
+                running.clear()
+            if self.step % config.checkpoint_every == 0:
+                self.save()
+            if self.step % config.keep_every == 0:
+                self.save(f"step{self.step:07d}.pt")
+        self.save()
+        progress.close()
+
+    def _request_stop(self, signum: int, frame: object) -> None:
+        self.stop_requested = True
+
+
+def describe(model: CausalCodec) -> str:
+    params = count_parameters(model)
+    return f"{params / 1e6:.2f} M parameters"
+
+

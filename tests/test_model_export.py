@@ -1,0 +1,97 @@
+"""ONNX export: frame-by-frame onnxruntime output equals the PyTorch full-sequence forward,
+states are explicit named inputs/outputs, and the card (file and metadata) matches the graphs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from models.codec import CodecConfig
+from models.export import METADATA_KEY, export_model, random_model
+from models.measure import OnnxCodec
+from tests.test_model_codec import TINY, speechlike
+
+N, L = TINY.frame_size, TINY.overlap
+SHIPPED = Path(__file__).resolve().parents[1] / "streaming" / "assets" / "default"
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, torch.nn.Module, dict]:
+    out = tmp_path_factory.mktemp("model")
+    model = random_model(TINY, seed=3)
+    card = export_model(out, model=model, model_id="test-tiny")
+    return out, model, card
+
+
+def test_onnx_frame_by_frame_equals_pytorch_full_sequence(exported) -> None:
+    out, model, _ = exported
+    pcm = speechlike(15, batch=3)
+    codes, gains = model.encode(pcm)
+    onnx_codec = OnnxCodec(out)
+    onnx_codes, onnx_gains = onnx_codec.encode(pcm.numpy())
+    np.testing.assert_array_equal(onnx_codes, codes.numpy())
+    np.testing.assert_array_equal(onnx_gains, gains.numpy())
+    for count in (1, 4, TINY.num_codebooks):
+        offline = model.decode(codes, gains, count).numpy()
+        streamed = onnx_codec.decode(codes.numpy(), gains.numpy(), count)
+        np.testing.assert_allclose(streamed[:, L:], offline[:, :-L], atol=1e-4)
+
+
+def test_states_are_named_inputs_and_outputs(exported) -> None:
+    out, _, card = exported
+    for part in ("encoder", "decoder"):
+        graph = onnx.load(str(out / f"{part}.onnx")).graph
+        inputs = {i.name for i in graph.input}
+        outputs = {o.name for o in graph.output}
+        for state in card[part]["states"]:
+            assert f"in_{state['name']}" in inputs
+            assert f"out_{state['name']}" in outputs
+
+
+def _check_card_matches_graphs(folder: Path) -> dict:
+    card = json.loads((folder / "card.json").read_text())
+    assert card["format"] == "codecstream-model" and card["format_version"] == 1
+    for part in ("encoder", "decoder"):
+        graph = onnx.load(str(folder / card[part]["file"]))
+        meta = {p.key: p.value for p in graph.metadata_props}
+        assert json.loads(meta[METADATA_KEY]) == card
+        dims = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim][1:]
+                for i in graph.graph.input}
+        for state in card[part]["states"]:
+            assert dims[f"in_{state['name']}"] == state["shape"]
+    enc_inputs = {i.name: i for i in onnx.load(str(folder / "encoder.onnx")).graph.input}
+    frame = [d.dim_value for d in enc_inputs["pcm"].type.tensor_type.shape.dim][1]
+    assert frame == card["frame_size"]
+    return card
+
+
+def test_exported_card_matches_its_graphs(exported) -> None:
+    out, _, card = exported
+    assert _check_card_matches_graphs(out) == card
+    assert card["random_weights"] is True
+    assert card["latency_ms"]["algorithmic"] == 25.0
+
+
+def test_shipped_model_loads_and_its_card_matches_its_graphs() -> None:
+    card = _check_card_matches_graphs(SHIPPED)
+    codec = OnnxCodec(SHIPPED)
+    pcm = speechlike(6).numpy()
+    codes, gains = codec.encode(pcm)
+    assert codes.shape == (2, 6, card["num_codebooks"])
+    decoded = codec.decode(codes, gains, 1)
+    assert decoded.shape == pcm.shape and np.isfinite(decoded).all()
+
+
+def test_bitrates_follow_the_frame_payload() -> None:
+    card = json.loads((SHIPPED / "card.json").read_text())
+    rates = card["bitrates_kbps"]
+    frames_per_s = card["sample_rate"] / card["frame_size"]
+    for count, kbps in rates.items():
+        bits = 4 + card["gain"]["bits"] + card["code_bits"] * int(count)
+        assert kbps == pytest.approx(bits * frames_per_s / 1000)
+    assert CodecConfig().num_codebooks >= 11
