@@ -23,6 +23,7 @@ from tqdm import tqdm
 from models.codec import CausalCodec, CodecConfig, count_parameters
 from models.data import Corpus
 from models.losses import MultiResolutionSpectralLoss
+from models.mdct import frame_spans
 
 
 @dataclass
@@ -39,6 +40,7 @@ class TrainConfig:
     weight_log_mag: float = 1.0
     weight_convergence: float = 1.0
     weight_commit: float = 0.25
+    weight_mdct: float = 0.0
     weight_idem: float = 0.5
     idem_start: int = 10000
     grad_clip: float = 5.0
@@ -62,6 +64,21 @@ def idempotence_loss(model: CausalCodec, decoded: torch.Tensor, quantized: torch
     frames = min(relatents.shape[1], quantized.shape[1]) - 1  # last frame is incomplete
     diff = relatents[:, :frames] - quantized[:, :frames].detach()
     return diff.pow(2).mean()
+
+
+def mdct_loss(model: CausalCodec, decoded: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Sign-aware L1 between power-law compressed MDCT shapes (both divided by the target's
+    frame gain); frames [B, T, N] of PCM [B, S], the last (incomplete) frame left out."""
+    n, overlap = model.config.frame_size, model.config.overlap
+    ref = frame_spans(target, n, overlap)[:, :-1] @ model.analysis.T
+    est = frame_spans(decoded, n, overlap)[:, :-1] @ model.analysis.T
+    gain = model.gain_value(model.gain_index(ref))
+
+    def compress(coeffs: torch.Tensor) -> torch.Tensor:
+        shape = coeffs / gain
+        return torch.sign(shape) * (shape.abs() + 1e-4).pow(0.5)
+
+    return (compress(est) - compress(ref)).abs().mean()
 
 
 class Trainer:
@@ -109,6 +126,9 @@ class Trainer:
         total = (config.weight_mel * terms["mel"] + config.weight_log_mag * terms["log_mag"]
                  + config.weight_convergence * terms["convergence"]
                  + config.weight_commit * out.quantizer.commitment)
+        if config.weight_mdct > 0:
+            terms["mdct"] = mdct_loss(self.model, out.pcm, pcm)
+            total = total + config.weight_mdct * terms["mdct"]
         logs = {k: float(v.detach()) for k, v in terms.items()}
         logs["commit"] = float(out.quantizer.commitment)
         if self.step >= config.idem_start and config.weight_idem > 0:
@@ -128,9 +148,12 @@ class Trainer:
         return logs
 
     def usage(self) -> list[float]:
-        """Fraction of live codes per stage (EMA count above the dead threshold)."""
-        return [float((s.cluster_size > s.dead_threshold).float().mean())
-                for s in self.model.quantizer.stages]
+        """Codebook perplexity per stage from the EMA counts (1024 = all codes equally used)."""
+        out = []
+        for stage in self.model.quantizer.stages:
+            probs = stage.cluster_size / stage.cluster_size.sum()
+            out.append(round(float(torch.exp(-(probs * (probs + 1e-12).log()).sum())), 1))
+        return out
 
     # -- the loop ----------------------------------------------------------------------------
     def run(self, steps: int) -> None:

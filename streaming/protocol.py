@@ -1,0 +1,1337 @@
+"""The wire and file formats of codecstream: the one module that defines them (docs/protocol.md).
+
+Three encodings of the same codec tokens, all versioned and big-endian (network byte order):
+
+* **frame payload**: one 20 ms frame of tokens, bit-packed MSB first as fixed by
+  docs/model-interface.md: `num_codebooks` (4 bits, 1..15), `gain_index` (`gain_bits` bits),
+  then `num_codebooks` codes of `code_bits` bits each.  A frame of n codebooks takes
+  `4 + gain_bits + n * code_bits` bits (20 bits = 1.0 kbps at 50 frames/s for n=1, 10/6 bits).
+* **token packet** (one WebSocket binary message): a 14-byte header (magic, version, type,
+  flags, stream id u32, sequence number u16, capture timestamp u32 in µs), an optional 12-byte
+  block of profiling timestamps (flag bit 0), then exactly one frame payload padded with zero
+  bits to a whole byte.
+* **bitstream file**: a CRC-protected header (magic b"CSTR", model id, sample rate, frame
+  size, code/gain bits, codebooks Q, frame count), then all frame payloads as ONE continuous
+  bit stream without per-frame byte alignment, zero-padded to a byte at the very end; the file
+  size therefore measures the real bitrate.
+
+There is also a JSON form of frames and packets for debugging and for consumers that do not
+want to parse bits.
+
+Decoding never trusts its input: every malformed input raises `ProtocolError` whose `code`
+(an `ErrorCode`, a `str`) is stable and is what the server maps to WebSocket close codes.
+Caller mistakes while *encoding* (a code that does not fit in `code_bits`, a seq > 65535)
+raise a plain `ValueError`.
+
+The model-dependent sizes (`code_bits`, `gain_bits`, the model's codebook count Q) come from
+the model card at run time; every function takes them as parameters.  Nothing here does I/O:
+formats work on `bytes`-like objects the caller read or will write.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Final, TypeAlias
+
+import numpy as np
+import numpy.typing as npt
+
+__all__ = [
+    "FILE_FORMAT_VERSION",
+    "FILE_HEADER_FIXED_SIZE",
+    "FILE_MAGIC",
+    "FLAG_TIMES",
+    "MAX_CODEBOOKS",
+    "MAX_FIELD_BITS",
+    "MAX_FILE_HEADER_SIZE",
+    "MAX_MODEL_ID_BYTES",
+    "PACKET_HEADER_SIZE",
+    "PACKET_MAGIC",
+    "PACKET_TIMES_SIZE",
+    "PACKET_TYPE_FRAME",
+    "PROTOCOL_VERSION",
+    "UNKNOWN_FRAME_COUNT",
+    "BitReader",
+    "BitWriter",
+    "BitstreamHeader",
+    "BitstreamWriter",
+    "ErrorCode",
+    "FrameArrays",
+    "PacketTimes",
+    "ProtocolError",
+    "TokenFrame",
+    "TokenPacket",
+    "decode_file_header",
+    "decode_packet",
+    "encode_file_header",
+    "encode_packet",
+    "frame_bits",
+    "frame_from_json",
+    "frame_to_json",
+    "max_packet_size",
+    "pack_frame",
+    "pack_frame_stream",
+    "packet_from_json",
+    "packet_to_json",
+    "payload_size",
+    "read_bitstream",
+    "read_bitstream_arrays",
+    "seq_add",
+    "seq_diff",
+    "seq_le",
+    "seq_lt",
+    "ts_diff",
+    "unpack_frame",
+    "unpack_frame_stream",
+]
+
+Buffer: TypeAlias = bytes | bytearray | memoryview
+"""Any bytes-like input accepted by the decoders."""
+
+Int64Array: TypeAlias = npt.NDArray[np.int64]
+
+# --------------------------------------------------------------------------------------------
+# Versions and constants
+# --------------------------------------------------------------------------------------------
+
+PROTOCOL_VERSION: Final = 1
+"""Version of the token packet (byte 1 of every packet) and of the JSON form."""
+
+FILE_FORMAT_VERSION: Final = 1
+"""Version of the bitstream file (byte 4 of the file)."""
+
+PACKET_MAGIC: Final = 0xC5
+"""First byte of every token packet."""
+
+PACKET_TYPE_FRAME: Final = 0x01
+"""Packet type: one token frame.  Other values are reserved (rejected as `unknown_type`)."""
+
+FLAG_TIMES: Final = 0x01
+"""Packet flag: a 12-byte `PacketTimes` block follows the header.  Other bits must be 0."""
+
+PACKET_HEADER_SIZE: Final = 14
+"""Bytes of the fixed packet header."""
+
+PACKET_TIMES_SIZE: Final = 12
+"""Bytes of the optional profiling timestamps block (3 × u32 µs)."""
+
+FILE_MAGIC: Final = b"CSTR"
+"""First 4 bytes of a bitstream file."""
+
+FILE_HEADER_FIXED_SIZE: Final = 22
+"""Bytes of the file header before the model id (the CRC32 adds 4 after it)."""
+
+MAX_FILE_HEADER_SIZE: Final = 1024
+"""Largest `header_length` a reader accepts (bytes); larger is `oversized`."""
+
+MAX_MODEL_ID_BYTES: Final = 64
+"""Largest model id, in bytes of UTF-8."""
+
+UNKNOWN_FRAME_COUNT: Final = 0xFFFFFFFF
+"""`num_frames` value of a streamed file whose length was not known when the header was written."""
+
+MAX_CODEBOOKS: Final = 15
+"""Most codebooks a frame payload can carry (the 4-bit count field; 0 is invalid)."""
+
+NUM_CODEBOOKS_BITS: Final = 4
+"""Width of the codebook count field of the frame payload, in bits."""
+
+MAX_FIELD_BITS: Final = 16
+"""Largest `code_bits` / `gain_bits` the formats support (both are at least 1)."""
+
+_SEQ_MOD: Final = 1 << 16
+_TS_MOD: Final = 1 << 32
+_U32_MAX: Final = _TS_MOD - 1
+
+_PACKET_HEADER = struct.Struct(">BBBBIHI")  # magic, version, type, flags, stream, seq, ts
+_PACKET_TIMES = struct.Struct(">III")  # client send, server receive, server send
+_FILE_FIXED = struct.Struct(">4sBBHIIHBBBB")
+_CRC = struct.Struct(">I")
+assert _PACKET_HEADER.size == PACKET_HEADER_SIZE
+assert _PACKET_TIMES.size == PACKET_TIMES_SIZE
+assert _FILE_FIXED.size == FILE_HEADER_FIXED_SIZE
+
+
+# --------------------------------------------------------------------------------------------
+# Errors
+# --------------------------------------------------------------------------------------------
+
+
+class ErrorCode(StrEnum):
+    """Stable reason of a `ProtocolError` (the value is what logs and clients see)."""
+
+    TRUNCATED = "truncated"
+    """The input ends before the structure it started is complete."""
+    BAD_MAGIC = "bad_magic"
+    """The input does not start with the packet magic byte / file magic."""
+    UNKNOWN_VERSION = "unknown_version"
+    """The version byte (or JSON "version") is not one this module reads."""
+    UNKNOWN_TYPE = "unknown_type"
+    """The packet type byte is reserved."""
+    OVERSIZED = "oversized"
+    """The input (or a length field in it) exceeds the allowed maximum."""
+    CORRUPT = "corrupt"
+    """Checksum mismatch, non-zero padding bits, inconsistent lengths, unparsable JSON."""
+    BAD_FIELD = "bad_field"
+    """A field holds a value outside its valid range (count 0 or > Q, reserved flag, ...)."""
+    TRAILING_DATA = "trailing_data"
+    """Bytes follow the end of a complete packet or file."""
+
+
+class ProtocolError(ValueError):
+    """Malformed input to a decoder.
+
+    `code` is the stable `ErrorCode`; `message` the human explanation; `offset` the byte offset
+    in the input where the problem was found, when there is one.  `str(error)` is
+    `"<code>: <message>"`.
+    """
+
+    code: ErrorCode
+    message: str
+    offset: int | None
+
+    def __init__(self, code: ErrorCode, message: str, *, offset: int | None = None) -> None:
+        super().__init__(f"{code.value}: {message}")
+        self.code = code
+        self.message = message
+        self.offset = offset
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_rebuild_protocol_error, (self.code.value, self.message, self.offset))
+
+
+def _rebuild_protocol_error(code: str, message: str, offset: int | None) -> ProtocolError:
+    return ProtocolError(ErrorCode(code), message, offset=offset)
+
+
+# --------------------------------------------------------------------------------------------
+# Sequence-number and timestamp arithmetic (RFC 3550 style wraparound)
+# --------------------------------------------------------------------------------------------
+
+
+def seq_add(seq: int, delta: int) -> int:
+    """`seq + delta` modulo 2**16 (sequence numbers are u16)."""
+    return (seq + delta) & 0xFFFF
+
+
+def seq_diff(a: int, b: int) -> int:
+    """Signed distance `a - b` between two u16 sequence numbers, in [-32768, 32767] frames.
+
+    `seq_diff(0, 65535) == 1`: 0 comes one frame after 65535.
+    """
+    d = (a - b) & 0xFFFF
+    return d - _SEQ_MOD if d >= 0x8000 else d
+
+
+def seq_lt(a: int, b: int) -> bool:
+    """True when sequence number `a` comes before `b` (modulo 2**16)."""
+    return seq_diff(a, b) < 0
+
+
+def seq_le(a: int, b: int) -> bool:
+    """True when `a` comes before `b` or equals it (modulo 2**16)."""
+    return seq_diff(a, b) <= 0
+
+
+def ts_diff(a: int, b: int) -> int:
+    """Signed distance `a - b` between two u32 µs timestamps, in [-2**31, 2**31) µs.
+
+    Timestamps wrap every 2**32 µs ≈ 71.6 minutes; differences stay exact as long as the two
+    instants are less than ≈ 35.8 minutes apart.
+    """
+    d = (a - b) & _U32_MAX
+    return d - _TS_MOD if d >= 0x80000000 else d
+
+
+# --------------------------------------------------------------------------------------------
+# Parameters and sizes
+# --------------------------------------------------------------------------------------------
+
+
+def _check_params(code_bits: int, gain_bits: int, max_codebooks: int | None = None) -> None:
+    """Reject impossible model parameters (a caller bug, hence ValueError)."""
+    if not 1 <= code_bits <= MAX_FIELD_BITS:
+        raise ValueError(f"code_bits must be in 1..{MAX_FIELD_BITS}, got {code_bits}")
+    if not 1 <= gain_bits <= MAX_FIELD_BITS:
+        raise ValueError(f"gain_bits must be in 1..{MAX_FIELD_BITS}, got {gain_bits}")
+    if max_codebooks is not None and not 1 <= max_codebooks <= MAX_CODEBOOKS:
+        raise ValueError(f"max_codebooks must be in 1..{MAX_CODEBOOKS}, got {max_codebooks}")
+
+
+def frame_bits(num_codebooks: int, *, code_bits: int, gain_bits: int) -> int:
+    """Bits of one frame payload: `4 + gain_bits + num_codebooks * code_bits`.
+
+    With code_bits=10, gain_bits=6: 1 codebook = 20 bits (1.0 kbps at 50 frames/s),
+    12 codebooks = 130 bits.
+    """
+    return NUM_CODEBOOKS_BITS + gain_bits + num_codebooks * code_bits
+
+
+def payload_size(num_codebooks: int, *, code_bits: int, gain_bits: int) -> int:
+    """Bytes of one frame payload padded to a whole byte (as carried in a packet)."""
+    return (frame_bits(num_codebooks, code_bits=code_bits, gain_bits=gain_bits) + 7) >> 3
+
+
+def max_packet_size(
+    *, code_bits: int, gain_bits: int, max_codebooks: int, with_times: bool = True
+) -> int:
+    """Largest valid packet, in bytes, for a model with `max_codebooks` codebooks.
+
+    This is the default `max_bytes` of `decode_packet` (43 bytes for 10/6 bits, Q=12).
+    """
+    _check_params(code_bits, gain_bits, max_codebooks)
+    extra = PACKET_TIMES_SIZE if with_times else 0
+    return (
+        PACKET_HEADER_SIZE
+        + extra
+        + payload_size(max_codebooks, code_bits=code_bits, gain_bits=gain_bits)
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Frames
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class TokenFrame:
+    """The tokens of one 20 ms frame (N = 320 samples at 16 kHz).
+
+    * `num_codebooks`: codebooks kept, 1..15 (and at most the model's Q).
+    * `gain_index`: scalar-quantised frame gain, in [0, 2**gain_bits).
+    * `codes`: the first `num_codebooks` RVQ indices, each in [0, 2**code_bits).
+
+    Construction checks what does not depend on the model (count 1..15, `len(codes)`,
+    non-negative values) and raises ValueError; the bit widths are checked when packing.
+    `codes` given as any integer sequence or array is stored as a tuple of Python ints.
+    """
+
+    num_codebooks: int
+    gain_index: int
+    codes: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        codes = self.codes
+        if type(codes) is not tuple or not all(type(c) is int for c in codes):
+            codes = tuple(int(c) for c in codes)
+            object.__setattr__(self, "codes", codes)
+        n = self.num_codebooks
+        if type(n) is not int or not 1 <= n <= MAX_CODEBOOKS:
+            raise ValueError(f"num_codebooks must be an int in 1..{MAX_CODEBOOKS}, got {n!r}")
+        if len(codes) != n:
+            raise ValueError(f"num_codebooks is {n} but {len(codes)} codes were given")
+        if type(self.gain_index) is not int or self.gain_index < 0:
+            raise ValueError(f"gain_index must be a non-negative int, got {self.gain_index!r}")
+        if min(codes) < 0:
+            raise ValueError(f"codes must be non-negative, got {codes}")
+
+    @classmethod
+    def from_codes(
+        cls,
+        codes: Sequence[int] | npt.NDArray[np.integer],
+        gain_index: int,
+        num_codebooks: int | None = None,
+    ) -> TokenFrame:
+        """Frame from an encoder output row: `codes` [Q] int, truncated to `num_codebooks`.
+
+        Residual VQ makes truncation exact: the first k codes do not depend on how many are
+        kept.  `num_codebooks=None` keeps all of `codes`.
+        """
+        n = len(codes) if num_codebooks is None else num_codebooks
+        if n > len(codes):
+            raise ValueError(f"asked for {n} codebooks of a frame with {len(codes)}")
+        return cls(n, int(gain_index), tuple(int(c) for c in codes[:n]))
+
+    def codes_array(self, num_codebooks_total: int) -> Int64Array:
+        """Codes as the decoder input row: int64 [Q], zeros at and beyond `num_codebooks`."""
+        if num_codebooks_total < self.num_codebooks:
+            raise ValueError(
+                f"frame has {self.num_codebooks} codebooks, more than Q={num_codebooks_total}"
+            )
+        out = np.zeros(num_codebooks_total, dtype=np.int64)
+        out[: self.num_codebooks] = self.codes
+        return out
+
+
+def _frame_to_int(frame: TokenFrame, code_bits: int, gain_bits: int) -> tuple[int, int]:
+    """(value, nbits): the payload bits of `frame` as one integer, MSB first, no padding."""
+    if frame.gain_index >> gain_bits:
+        raise ValueError(f"gain_index {frame.gain_index} does not fit in {gain_bits} bits")
+    acc = (frame.num_codebooks << gain_bits) | frame.gain_index
+    for code in frame.codes:
+        if code >> code_bits:
+            raise ValueError(f"code {code} does not fit in {code_bits} bits")
+        acc = (acc << code_bits) | code
+    return acc, NUM_CODEBOOKS_BITS + gain_bits + frame.num_codebooks * code_bits
+
+
+def pack_frame(frame: TokenFrame, *, code_bits: int, gain_bits: int) -> bytes:
+    """Frame payload bytes: the bits MSB first, zero-padded to a whole byte.
+
+    Size: `payload_size(frame.num_codebooks, ...)` bytes.  Raises ValueError when a value does
+    not fit in its field.
+    """
+    _check_params(code_bits, gain_bits)
+    value, nbits = _frame_to_int(frame, code_bits, gain_bits)
+    pad = -nbits % 8
+    return (value << pad).to_bytes((nbits + pad) >> 3, "big")
+
+
+def _decode_payload(
+    data: Buffer, offset: int, code_bits: int, gain_bits: int, max_codebooks: int
+) -> TokenFrame:
+    """Decode the frame payload filling `data[offset:]` exactly (padding bits must be 0)."""
+    avail = len(data) - offset
+    if avail < 1:
+        raise ProtocolError(
+            ErrorCode.TRUNCATED, "input ends before the frame payload", offset=offset
+        )
+    n = data[offset] >> 4
+    if n == 0 or n > max_codebooks:
+        raise ProtocolError(
+            ErrorCode.BAD_FIELD,
+            f"num_codebooks {n} outside 1..{max_codebooks}",
+            offset=offset,
+        )
+    nbits = NUM_CODEBOOKS_BITS + gain_bits + n * code_bits
+    need = (nbits + 7) >> 3
+    if avail < need:
+        raise ProtocolError(
+            ErrorCode.TRUNCATED,
+            f"frame payload of {n} codebooks needs {need} bytes, got {avail}",
+            offset=len(data),
+        )
+    if avail > need:
+        raise ProtocolError(
+            ErrorCode.TRAILING_DATA,
+            f"{avail - need} bytes after a frame payload of {need} bytes",
+            offset=offset + need,
+        )
+    value = int.from_bytes(data[offset : offset + need], "big")
+    pad = need * 8 - nbits
+    if value & ((1 << pad) - 1):
+        raise ProtocolError(
+            ErrorCode.CORRUPT, "non-zero padding bits after the frame payload", offset=len(data) - 1
+        )
+    value >>= pad
+    mask = (1 << code_bits) - 1
+    codes = [0] * n
+    for i in range(n - 1, -1, -1):
+        codes[i] = value & mask
+        value >>= code_bits
+    return TokenFrame(n, value & ((1 << gain_bits) - 1), tuple(codes))
+
+
+def unpack_frame(data: Buffer, *, code_bits: int, gain_bits: int, max_codebooks: int) -> TokenFrame:
+    """Decode one byte-padded frame payload (as produced by `pack_frame`).
+
+    Raises ProtocolError: `truncated`, `bad_field` (count 0 or > `max_codebooks`),
+    `trailing_data` (bytes after the payload), `corrupt` (non-zero padding bits).
+    Every `gain_bits`-wide value is a valid gain index and every `code_bits`-wide value a valid
+    code (docs/model-interface.md: codebook_size == 2**code_bits).
+    """
+    _check_params(code_bits, gain_bits, max_codebooks)
+    return _decode_payload(data, 0, code_bits, gain_bits, max_codebooks)
+
+
+# --------------------------------------------------------------------------------------------
+# Bit I/O
+# --------------------------------------------------------------------------------------------
+
+
+class BitWriter:
+    """Append-only MSB-first bit writer over a growing byte buffer.
+
+    Values are shifted into a Python int accumulator; whole bytes are moved to the buffer
+    once 64 bits are pending, so each write costs O(width), never O(stream length).
+    """
+
+    __slots__ = ("_acc", "_buf", "_nacc")
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._acc = 0
+        self._nacc = 0
+
+    @property
+    def bit_length(self) -> int:
+        """Bits written so far."""
+        return len(self._buf) * 8 + self._nacc
+
+    def write(self, value: int, nbits: int) -> None:
+        """Append the `nbits` low bits of `value`, MSB first (`0 <= value < 2**nbits`)."""
+        if nbits < 0 or value < 0 or value >> nbits:
+            raise ValueError(f"value {value} does not fit in {nbits} bits")
+        self._acc = (self._acc << nbits) | value
+        self._nacc += nbits
+        if self._nacc >= 64:
+            self._flush()
+
+    def _flush(self) -> None:
+        whole, rem = divmod(self._nacc, 8)
+        if whole:
+            self._buf += (self._acc >> rem).to_bytes(whole, "big")
+            self._acc &= (1 << rem) - 1
+            self._nacc = rem
+
+    def complete_bytes(self, start: int = 0) -> bytes:
+        """The whole bytes written so far from byte `start` on (a partial last byte excluded)."""
+        self._flush()
+        return bytes(self._buf[start:])
+
+    def getvalue(self) -> bytes:
+        """Everything written so far, the last byte zero-padded; the writer is unchanged."""
+        self._flush()
+        if not self._nacc:
+            return bytes(self._buf)
+        return bytes(self._buf) + bytes([self._acc << (8 - self._nacc)])
+
+
+class BitReader:
+    """MSB-first bit reader over a bytes-like object (bits `start_bit` .. `end_bit`).
+
+    Reading past the end raises ProtocolError(`truncated`).
+    """
+
+    __slots__ = ("_data", "_end", "_pos")
+
+    def __init__(self, data: Buffer, start_bit: int = 0, end_bit: int | None = None) -> None:
+        self._data = memoryview(data).cast("B") if not isinstance(data, bytes) else data
+        total = len(self._data) * 8
+        self._end = total if end_bit is None else end_bit
+        if not 0 <= start_bit <= self._end <= total:
+            raise ValueError(f"bit range {start_bit}..{self._end} outside 0..{total}")
+        self._pos = start_bit
+
+    @property
+    def position(self) -> int:
+        """Index of the next bit to read (from the start of `data`)."""
+        return self._pos
+
+    @property
+    def remaining(self) -> int:
+        """Bits left before `end_bit`."""
+        return self._end - self._pos
+
+    def peek(self, nbits: int) -> int:
+        """The next `nbits` bits as an unsigned int, without consuming them."""
+        pos = self._pos
+        stop = pos + nbits
+        if nbits < 0 or stop > self._end:
+            raise ProtocolError(
+                ErrorCode.TRUNCATED,
+                f"need {nbits} bits at bit {pos}, only {self._end - pos} left",
+                offset=pos >> 3,
+            )
+        if nbits == 0:
+            return 0
+        last = (stop + 7) >> 3
+        value = int.from_bytes(self._data[pos >> 3 : last], "big")
+        return (value >> (last * 8 - stop)) & ((1 << nbits) - 1)
+
+    def read(self, nbits: int) -> int:
+        """Consume and return the next `nbits` bits as an unsigned int."""
+        value = self.peek(nbits)
+        self._pos += nbits
+        return value
+
+    def skip(self, nbits: int) -> None:
+        """Consume `nbits` bits without decoding them."""
+        if nbits < 0 or self._pos + nbits > self._end:
+            raise ProtocolError(ErrorCode.TRUNCATED, f"cannot skip {nbits} bits at bit {self._pos}")
+        self._pos += nbits
+
+
+# --------------------------------------------------------------------------------------------
+# Many frames at once (numpy)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class FrameArrays:
+    """F frames as arrays, ready for a batched decoder step.
+
+    * `num_codebooks`: int64 [F], each 1..Q.
+    * `gain_index`: int64 [F].
+    * `codes`: int64 [F, Q]; entries at and beyond a frame's `num_codebooks` are 0.
+    """
+
+    num_codebooks: Int64Array
+    gain_index: Int64Array
+    codes: Int64Array
+
+    def __len__(self) -> int:
+        return int(self.num_codebooks.shape[0])
+
+    @classmethod
+    def from_frames(cls, frames: Sequence[TokenFrame], num_codebooks_total: int) -> FrameArrays:
+        """Arrays of `frames`, codes zero-padded to Q = `num_codebooks_total` columns."""
+        count = len(frames)
+        n = np.fromiter((f.num_codebooks for f in frames), dtype=np.int64, count=count)
+        gain = np.fromiter((f.gain_index for f in frames), dtype=np.int64, count=count)
+        codes = np.zeros((count, num_codebooks_total), dtype=np.int64)
+        if count and int(n.max()) > num_codebooks_total:
+            raise ValueError(f"a frame has more than Q={num_codebooks_total} codebooks")
+        for i, frame in enumerate(frames):
+            codes[i, : frame.num_codebooks] = frame.codes
+        return cls(n, gain, codes)
+
+    def frames(self) -> list[TokenFrame]:
+        """The frames as `TokenFrame` objects."""
+        counts = self.num_codebooks.tolist()
+        gains = self.gain_index.tolist()
+        rows = self.codes.tolist()
+        return [
+            TokenFrame(n, g, tuple(row[:n])) for n, g, row in zip(counts, gains, rows, strict=True)
+        ]
+
+
+def _code_mask(num_codebooks: Int64Array, q: int) -> npt.NDArray[np.bool_]:
+    """bool [F, Q]: True where a code is present."""
+    return np.arange(q, dtype=np.int64)[None, :] < num_codebooks[:, None]
+
+
+def _frame_starts(num_codebooks: Int64Array, code_bits: int, gain_bits: int) -> Int64Array:
+    """int64 [F+1]: bit offset of each frame in the stream; the last entry is the total."""
+    sizes = NUM_CODEBOOKS_BITS + gain_bits + num_codebooks * code_bits
+    starts = np.zeros(sizes.shape[0] + 1, dtype=np.int64)
+    np.cumsum(sizes, out=starts[1:])
+    return starts
+
+
+def _scatter_bits(
+    bits: npt.NDArray[np.uint8], pos: Int64Array, vals: Int64Array, width: int
+) -> None:
+    """Write each `vals[i]` as `width` bits MSB first at bit index `pos[i]` of `bits`."""
+    for b in range(width):
+        bits[pos + b] = (vals >> (width - 1 - b)) & 1
+
+
+def _gather_bits(bits: npt.NDArray[np.uint8], pos: Int64Array, width: int) -> Int64Array:
+    """Read `width`-bit MSB-first unsigned values starting at each bit index `pos[i]`."""
+    out = np.zeros(pos.shape[0], dtype=np.int64)
+    for b in range(width):
+        out <<= 1
+        out |= bits[pos + b]
+    return out
+
+
+def pack_frame_stream(
+    frames: FrameArrays | Sequence[TokenFrame], *, code_bits: int, gain_bits: int
+) -> bytes:
+    """Frames as ONE continuous bit stream (no per-frame alignment), zero-padded to a byte.
+
+    Vectorised with numpy: cost is O(total bits) array work plus no Python loop per frame
+    (for `FrameArrays` input).  Raises ValueError when a value does not fit its field.
+    """
+    _check_params(code_bits, gain_bits)
+    if not isinstance(frames, FrameArrays):
+        q = max((f.num_codebooks for f in frames), default=1)
+        frames = FrameArrays.from_frames(frames, q)
+    n, gain, codes = frames.num_codebooks, frames.gain_index, frames.codes
+    if not len(n):
+        return b""
+    q = codes.shape[1]
+    if int(n.min()) < 1 or int(n.max()) > min(q, MAX_CODEBOOKS):
+        raise ValueError(f"num_codebooks outside 1..{min(q, MAX_CODEBOOKS)}")
+    if int(gain.min()) < 0 or int(gain.max()) >> gain_bits:
+        raise ValueError(f"a gain_index does not fit in {gain_bits} bits")
+    mask = _code_mask(n, q)
+    present = codes[mask]
+    if present.size and (int(present.min()) < 0 or int(present.max()) >> code_bits):
+        raise ValueError(f"a code does not fit in {code_bits} bits")
+    starts = _frame_starts(n, code_bits, gain_bits)
+    total = int(starts[-1])
+    bits = np.zeros(total + (-total % 8), dtype=np.uint8)
+    head = starts[:-1]
+    _scatter_bits(bits, head, n, NUM_CODEBOOKS_BITS)
+    _scatter_bits(bits, head + NUM_CODEBOOKS_BITS, gain, gain_bits)
+    code_pos = (
+        head[:, None]
+        + (NUM_CODEBOOKS_BITS + gain_bits)
+        + np.arange(q, dtype=np.int64)[None, :] * code_bits
+    )
+    _scatter_bits(bits, code_pos[mask], present, code_bits)
+    return np.packbits(bits).tobytes()
+
+
+def unpack_frame_stream(
+    data: Buffer,
+    *,
+    code_bits: int,
+    gain_bits: int,
+    max_codebooks: int,
+    count: int | None = None,
+    offset: int = 0,
+) -> FrameArrays:
+    """Decode a continuous bit stream of frame payloads starting at byte `offset` of `data`.
+
+    `count` frames are expected (then anything beyond the final padding byte is
+    `trailing_data`); with `count=None` frames are read until fewer than 8 bits remain.
+    The < 8 bits after the last frame are padding and must be zero (`corrupt`).
+    Also raises `truncated` and `bad_field` (count 0 or > `max_codebooks`).
+    Returns arrays with Q = `max_codebooks` code columns.
+
+    Frame boundaries are found with one cheap Python step per frame (the count nibble decides
+    the next frame's offset); all field extraction is vectorised.
+    """
+    _check_params(code_bits, gain_bits, max_codebooks)
+    view = memoryview(data).cast("B")[offset:]
+    total = len(view) * 8
+    base = NUM_CODEBOOKS_BITS + gain_bits
+    starts: list[int] = []
+    counts: list[int] = []
+    pos = 0
+    while (len(starts) < count) if count is not None else (total - pos >= 8):
+        if pos + NUM_CODEBOOKS_BITS > total:
+            raise ProtocolError(
+                ErrorCode.TRUNCATED,
+                f"stream ends before frame {len(starts)} (of {count})",
+                offset=offset + len(view),
+            )
+        i, sh = pos >> 3, pos & 7
+        # the 4-bit count lies in byte i, or straddles bytes i and i+1 when sh > 4
+        pair = view[i] << 8 | (view[i + 1] if sh > 4 else 0)
+        n = (pair >> (12 - sh)) & 0xF
+        if n == 0 or n > max_codebooks:
+            raise ProtocolError(
+                ErrorCode.BAD_FIELD,
+                f"frame {len(starts)}: num_codebooks {n} outside 1..{max_codebooks}",
+                offset=offset + i,
+            )
+        end = pos + base + n * code_bits
+        if end > total:
+            raise ProtocolError(
+                ErrorCode.TRUNCATED,
+                f"stream ends inside frame {len(starts)} ({end - total} bits missing)",
+                offset=offset + len(view),
+            )
+        starts.append(pos)
+        counts.append(n)
+        pos = end
+    rest = total - pos
+    if rest >= 8:
+        raise ProtocolError(
+            ErrorCode.TRAILING_DATA,
+            f"{rest // 8} bytes after the last of {len(starts)} frames",
+            offset=offset + (pos + 7) // 8,
+        )
+    if rest and view[-1] & ((1 << rest) - 1):
+        raise ProtocolError(
+            ErrorCode.CORRUPT,
+            "non-zero padding bits after the last frame",
+            offset=offset + len(view) - 1,
+        )
+    n_arr = np.asarray(counts, dtype=np.int64)
+    head = np.asarray(starts, dtype=np.int64)
+    codes = np.zeros((len(counts), max_codebooks), dtype=np.int64)
+    if not counts:
+        return FrameArrays(n_arr, np.zeros(0, dtype=np.int64), codes)
+    bits = np.unpackbits(np.frombuffer(view, dtype=np.uint8))
+    gain = _gather_bits(bits, head + NUM_CODEBOOKS_BITS, gain_bits)
+    mask = _code_mask(n_arr, max_codebooks)
+    code_pos = head[:, None] + base + np.arange(max_codebooks, dtype=np.int64)[None, :] * code_bits
+    codes[mask] = _gather_bits(bits, code_pos[mask], code_bits)
+    return FrameArrays(n_arr, gain, codes)
+
+
+# --------------------------------------------------------------------------------------------
+# Token packets
+# --------------------------------------------------------------------------------------------
+
+
+def _check_u32(name: str, value: int) -> None:
+    if type(value) is not int or not 0 <= value <= _U32_MAX:
+        raise ValueError(f"{name} must be an int in 0..2**32-1, got {value!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class PacketTimes:
+    """Optional profiling timestamps of a packet, each u32 microseconds modulo 2**32.
+
+    * `client_send_us`: sender clock, when the sending client handed the packet to its socket.
+    * `server_recv_us`: server clock, when the server received it.
+    * `server_send_us`: server clock, when the server forwarded it (0 until then).
+
+    Clocks differ between machines: only differences on one clock are meaningful (use
+    `ts_diff`).  Sender-side values share the clock of `TokenPacket.timestamp_us`.
+    """
+
+    client_send_us: int
+    server_recv_us: int = 0
+    server_send_us: int = 0
+
+    def __post_init__(self) -> None:
+        _check_u32("client_send_us", self.client_send_us)
+        _check_u32("server_recv_us", self.server_recv_us)
+        _check_u32("server_send_us", self.server_send_us)
+
+
+@dataclass(frozen=True, slots=True)
+class TokenPacket:
+    """One token packet: exactly one frame of one stream.
+
+    * `stream_id`: u32 identifying the sending stream (chosen by the session layer).
+    * `seq`: u16 sequence number, +1 per frame (20 ms), wrapping 65535 → 0.
+    * `timestamp_us`: u32, the sender's clock in µs modulo 2**32 at capture of the frame's
+      first sample (advances by 20000 per frame when capture is regular).
+    * `frame`: the tokens.
+    * `times`: optional `PacketTimes` for latency profiling (sets flag bit 0, +12 bytes).
+
+    One frame per packet keeps latency minimal and loss independent per 20 ms; the 14-byte
+    header costs 5.6 kbps, irrelevant next to WebSocket/TCP/IP framing.
+    """
+
+    stream_id: int
+    seq: int
+    timestamp_us: int
+    frame: TokenFrame
+    times: PacketTimes | None = None
+
+    def __post_init__(self) -> None:
+        _check_u32("stream_id", self.stream_id)
+        if type(self.seq) is not int or not 0 <= self.seq <= 0xFFFF:
+            raise ValueError(f"seq must be an int in 0..65535, got {self.seq!r}")
+        _check_u32("timestamp_us", self.timestamp_us)
+
+    @property
+    def num_codebooks(self) -> int:
+        """Codebooks of the carried frame."""
+        return self.frame.num_codebooks
+
+    @property
+    def gain_index(self) -> int:
+        """Gain index of the carried frame."""
+        return self.frame.gain_index
+
+    @property
+    def codes(self) -> tuple[int, ...]:
+        """Codes of the carried frame."""
+        return self.frame.codes
+
+
+def encode_packet(packet: TokenPacket, *, code_bits: int, gain_bits: int) -> bytes:
+    """Wire bytes of `packet`: 14-byte header, [12-byte times], byte-padded frame payload.
+
+    Size: 14 (+12) + ceil((10 + 10 n) / 8) bytes for n codebooks at 10/6 bits, e.g. 17 bytes
+    for one codebook without times.  Raises ValueError when a value does not fit its field.
+    """
+    _check_params(code_bits, gain_bits)
+    times = packet.times
+    header = _PACKET_HEADER.pack(
+        PACKET_MAGIC,
+        PROTOCOL_VERSION,
+        PACKET_TYPE_FRAME,
+        FLAG_TIMES if times is not None else 0,
+        packet.stream_id,
+        packet.seq,
+        packet.timestamp_us,
+    )
+    payload = pack_frame(packet.frame, code_bits=code_bits, gain_bits=gain_bits)
+    if times is None:
+        return header + payload
+    block = _PACKET_TIMES.pack(times.client_send_us, times.server_recv_us, times.server_send_us)
+    return header + block + payload
+
+
+def decode_packet(
+    data: Buffer,
+    *,
+    code_bits: int,
+    gain_bits: int,
+    max_codebooks: int,
+    max_bytes: int | None = None,
+) -> TokenPacket:
+    """Parse and validate one token packet (one WebSocket binary message).
+
+    `max_codebooks` is the model's Q (or a lower session limit); `max_bytes` defaults to
+    `max_packet_size(...)`, the largest valid packet.  Checks, in this order:
+    `oversized` (len > max_bytes, before anything is parsed), `bad_magic`, `unknown_version`,
+    `truncated` header, `unknown_type`, `bad_field` (reserved flag bits), `truncated` times,
+    then the payload: `truncated`, `bad_field` (count 0 or > max_codebooks),
+    `trailing_data`, `corrupt` (non-zero padding bits).
+    """
+    _check_params(code_bits, gain_bits, max_codebooks)
+    limit = (
+        max_packet_size(code_bits=code_bits, gain_bits=gain_bits, max_codebooks=max_codebooks)
+        if max_bytes is None
+        else max_bytes
+    )
+    size = len(data)
+    if size > limit:
+        raise ProtocolError(
+            ErrorCode.OVERSIZED, f"packet of {size} bytes exceeds the limit of {limit} bytes"
+        )
+    if size == 0:
+        raise ProtocolError(ErrorCode.TRUNCATED, "empty packet", offset=0)
+    if data[0] != PACKET_MAGIC:
+        raise ProtocolError(
+            ErrorCode.BAD_MAGIC,
+            f"first byte 0x{data[0]:02X} is not the packet magic 0x{PACKET_MAGIC:02X}",
+            offset=0,
+        )
+    if size < 2:
+        raise ProtocolError(ErrorCode.TRUNCATED, "packet ends before its version", offset=size)
+    if data[1] != PROTOCOL_VERSION:
+        raise ProtocolError(
+            ErrorCode.UNKNOWN_VERSION,
+            f"packet version {data[1]} (this reader supports {PROTOCOL_VERSION})",
+            offset=1,
+        )
+    if size < PACKET_HEADER_SIZE:
+        raise ProtocolError(
+            ErrorCode.TRUNCATED,
+            f"packet header needs {PACKET_HEADER_SIZE} bytes, got {size}",
+            offset=size,
+        )
+    _, _, ptype, flags, stream_id, seq, timestamp = _PACKET_HEADER.unpack_from(data, 0)
+    if ptype != PACKET_TYPE_FRAME:
+        raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"packet type 0x{ptype:02X}", offset=2)
+    if flags & ~FLAG_TIMES:
+        raise ProtocolError(
+            ErrorCode.BAD_FIELD, f"reserved flag bits set in 0x{flags:02X}", offset=3
+        )
+    offset = PACKET_HEADER_SIZE
+    times = None
+    if flags & FLAG_TIMES:
+        offset += PACKET_TIMES_SIZE
+        if size < offset:
+            raise ProtocolError(
+                ErrorCode.TRUNCATED,
+                f"packet with times needs {offset} header bytes, got {size}",
+                offset=size,
+            )
+        times = PacketTimes(*_PACKET_TIMES.unpack_from(data, PACKET_HEADER_SIZE))
+    frame = _decode_payload(data, offset, code_bits, gain_bits, max_codebooks)
+    return TokenPacket(stream_id, seq, timestamp, frame, times)
+
+
+# --------------------------------------------------------------------------------------------
+# Bitstream files
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class BitstreamHeader:
+    """Header of a bitstream file.
+
+    * `model_id`: the model card's `model_id`, at most 64 bytes of UTF-8.
+    * `sample_rate`: Hz (u32), 16000 for the default model.
+    * `frame_size`: samples per frame N (u16), 320 for the default model (20 ms).
+    * `code_bits`, `gain_bits`: field widths in bits (1..16), from the model card.
+    * `num_codebooks`: the model's Q (1..15); every frame has 1..Q codebooks.
+    * `num_frames`: frames in the file, or None for a streamed file written before its
+      length was known (stored as 0xFFFFFFFF).
+    """
+
+    model_id: str
+    sample_rate: int
+    frame_size: int
+    code_bits: int
+    gain_bits: int
+    num_codebooks: int
+    num_frames: int | None = None
+
+    def __post_init__(self) -> None:
+        if len(self.model_id.encode("utf-8")) > MAX_MODEL_ID_BYTES:
+            raise ValueError(f"model_id longer than {MAX_MODEL_ID_BYTES} bytes of UTF-8")
+        if not 1 <= self.sample_rate <= _U32_MAX:
+            raise ValueError(f"sample_rate must be in 1..2**32-1 Hz, got {self.sample_rate}")
+        if not 1 <= self.frame_size <= 0xFFFF:
+            raise ValueError(f"frame_size must be in 1..65535 samples, got {self.frame_size}")
+        _check_params(self.code_bits, self.gain_bits, self.num_codebooks)
+        if self.num_frames is not None and not 0 <= self.num_frames < UNKNOWN_FRAME_COUNT:
+            raise ValueError(f"num_frames must be in 0..2**32-2 or None, got {self.num_frames}")
+
+    @property
+    def frame_rate(self) -> float:
+        """Frames per second (50.0 for 16 kHz / 320)."""
+        return self.sample_rate / self.frame_size
+
+    @property
+    def frame_ms(self) -> float:
+        """Duration of one frame in milliseconds (20.0 for 16 kHz / 320)."""
+        return 1000.0 * self.frame_size / self.sample_rate
+
+
+def encode_file_header(header: BitstreamHeader) -> bytes:
+    """File header bytes: 22 fixed bytes, the model id, CRC32 (26 + len(model_id) bytes)."""
+    model_id = header.model_id.encode("utf-8")
+    length = FILE_HEADER_FIXED_SIZE + len(model_id) + _CRC.size
+    body = (
+        _FILE_FIXED.pack(
+            FILE_MAGIC,
+            FILE_FORMAT_VERSION,
+            0,
+            length,
+            header.sample_rate,
+            UNKNOWN_FRAME_COUNT if header.num_frames is None else header.num_frames,
+            header.frame_size,
+            header.code_bits,
+            header.gain_bits,
+            header.num_codebooks,
+            len(model_id),
+        )
+        + model_id
+    )
+    return body + _CRC.pack(zlib.crc32(body))
+
+
+def decode_file_header(data: Buffer) -> tuple[BitstreamHeader, int]:
+    """Parse the file header at the start of `data`; returns (header, header length in bytes).
+
+    The frames start at the returned offset.  Checks, in this order: `bad_magic`,
+    `unknown_version`, `truncated`, `oversized` (header length > 1024), `corrupt`
+    (inconsistent header length, CRC mismatch), then `bad_field` (reserved flags, model id
+    too long or not UTF-8, out-of-range rates, sizes, bit widths, Q).
+    Bytes between the model id and the CRC (an extension area later versions of the same
+    major format may fill) are covered by the CRC and skipped.
+    """
+    size = len(data)
+    probe = bytes(data[:4])
+    if probe != FILE_MAGIC[: len(probe)]:
+        raise ProtocolError(ErrorCode.BAD_MAGIC, f"file starts with {probe!r}, not {FILE_MAGIC!r}")
+    if size < 5:
+        raise ProtocolError(ErrorCode.TRUNCATED, "file ends inside its magic/version", offset=size)
+    if data[4] != FILE_FORMAT_VERSION:
+        raise ProtocolError(
+            ErrorCode.UNKNOWN_VERSION,
+            f"file format version {data[4]} (this reader supports {FILE_FORMAT_VERSION})",
+            offset=4,
+        )
+    if size < FILE_HEADER_FIXED_SIZE:
+        raise ProtocolError(
+            ErrorCode.TRUNCATED,
+            f"file header needs at least {FILE_HEADER_FIXED_SIZE} bytes, got {size}",
+            offset=size,
+        )
+    (_, _, flags, length, rate, nframes, fsize, cbits, gbits, q, id_len) = _FILE_FIXED.unpack_from(
+        data, 0
+    )
+    if length > MAX_FILE_HEADER_SIZE:
+        raise ProtocolError(
+            ErrorCode.OVERSIZED,
+            f"header length {length} exceeds {MAX_FILE_HEADER_SIZE} bytes",
+            offset=6,
+        )
+    id_end = FILE_HEADER_FIXED_SIZE + id_len
+    if length < id_end + _CRC.size:
+        raise ProtocolError(
+            ErrorCode.CORRUPT,
+            f"header length {length} too small for a {id_len}-byte model id and the CRC",
+            offset=6,
+        )
+    if size < length:
+        raise ProtocolError(
+            ErrorCode.TRUNCATED, f"file header needs {length} bytes, got {size}", offset=size
+        )
+    (stored_crc,) = _CRC.unpack_from(data, length - _CRC.size)
+    computed = zlib.crc32(data[: length - _CRC.size])
+    if stored_crc != computed:
+        raise ProtocolError(
+            ErrorCode.CORRUPT,
+            f"header CRC32 0x{stored_crc:08X} != computed 0x{computed:08X}",
+            offset=length - _CRC.size,
+        )
+    if flags:
+        raise ProtocolError(ErrorCode.BAD_FIELD, f"reserved header flags 0x{flags:02X}", offset=5)
+    if id_len > MAX_MODEL_ID_BYTES:
+        raise ProtocolError(
+            ErrorCode.BAD_FIELD, f"model id of {id_len} bytes (max {MAX_MODEL_ID_BYTES})", offset=21
+        )
+    try:
+        model_id = bytes(data[FILE_HEADER_FIXED_SIZE:id_end]).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ProtocolError(
+            ErrorCode.BAD_FIELD, f"model id is not UTF-8 ({exc.reason})", offset=22
+        ) from None
+    checks = (
+        ("sample_rate", rate, 1, _U32_MAX, 8),
+        ("frame_size", fsize, 1, 0xFFFF, 16),
+        ("code_bits", cbits, 1, MAX_FIELD_BITS, 18),
+        ("gain_bits", gbits, 1, MAX_FIELD_BITS, 19),
+        ("num_codebooks", q, 1, MAX_CODEBOOKS, 20),
+    )
+    for name, value, lo, hi, where in checks:
+        if not lo <= value <= hi:
+            raise ProtocolError(
+                ErrorCode.BAD_FIELD, f"{name} {value} outside {lo}..{hi}", offset=where
+            )
+    header = BitstreamHeader(
+        model_id,
+        rate,
+        fsize,
+        cbits,
+        gbits,
+        q,
+        None if nframes == UNKNOWN_FRAME_COUNT else nframes,
+    )
+    return header, length
+
+
+class BitstreamWriter:
+    """Incremental writer of a bitstream file.
+
+    `header.num_frames` is ignored: the writer counts frames.  Two ways to get bytes:
+
+    * `getvalue()` / `finalize()`: the complete file of the frames added so far, with the
+      exact frame count in its header (finalize also closes the writer).
+    * `drain()`: for live recording, the bytes of a *streamed* file (frame count 0xFFFFFFFF)
+      not returned by earlier drains: the header on the first call, then whole payload bytes;
+      `drain(final=True)` adds the zero-padded last byte and closes the writer.  The
+      concatenation of all drained chunks is a valid file.
+
+    Each `add` costs O(bits of the frame), whatever the length of the stream.
+    """
+
+    __slots__ = ("_bits", "_closed", "_count", "_drained", "_header", "_q")
+
+    def __init__(self, header: BitstreamHeader) -> None:
+        self._header = header
+        self._q = header.num_codebooks
+        self._bits = BitWriter()
+        self._count = 0
+        self._drained = -1  # payload bytes returned by drain(); -1: header not yet returned
+        self._closed = False
+
+    @property
+    def num_frames(self) -> int:
+        """Frames added so far."""
+        return self._count
+
+    @property
+    def payload_bits(self) -> int:
+        """Bits of frame payloads so far (excluding header and final padding)."""
+        return self._bits.bit_length
+
+    @property
+    def closed(self) -> bool:
+        """True after `finalize()` or `drain(final=True)`."""
+        return self._closed
+
+    def add(self, frame: TokenFrame) -> None:
+        """Append one frame (1..Q codebooks; values must fit their bit widths)."""
+        if self._closed:
+            raise ValueError("BitstreamWriter is closed")
+        if frame.num_codebooks > self._q:
+            raise ValueError(f"frame has {frame.num_codebooks} codebooks, file Q is {self._q}")
+        if self._count >= UNKNOWN_FRAME_COUNT - 1:
+            raise ValueError("a bitstream file holds at most 2**32-2 frames")
+        value, nbits = _frame_to_int(frame, self._header.code_bits, self._header.gain_bits)
+        self._bits.write(value, nbits)
+        self._count += 1
+
+    def add_frames(self, frames: Iterable[TokenFrame]) -> None:
+        """Append frames in order."""
+        for frame in frames:
+            self.add(frame)
+
+    def _header_bytes(self, num_frames: int | None) -> bytes:
+        h = self._header
+        return encode_file_header(
+            BitstreamHeader(
+                h.model_id,
+                h.sample_rate,
+                h.frame_size,
+                h.code_bits,
+                h.gain_bits,
+                h.num_codebooks,
+                num_frames,
+            )
+        )
+
+    def getvalue(self) -> bytes:
+        """The complete file of all frames so far (exact count in the header)."""
+        return self._header_bytes(self._count) + self._bits.getvalue()
+
+    def finalize(self) -> bytes:
+        """`getvalue()`, then close the writer."""
+        self._closed = True
+        return self.getvalue()
+
+    def drain(self, *, final: bool = False) -> bytes:
+        """Streamed-file bytes not returned before (see the class docstring)."""
+        if self._closed and not final:
+            raise ValueError("BitstreamWriter is closed")
+        head = b""
+        if self._drained < 0:
+            head = self._header_bytes(None)
+            self._drained = 0
+        if final:
+            self._closed = True
+            body = self._bits.getvalue()[self._drained :]
+        else:
+            body = self._bits.complete_bytes(self._drained)
+        self._drained += len(body)
+        return head + body
+
+
+def read_bitstream_arrays(
+    data: Buffer, *, max_bytes: int | None = None
+) -> tuple[BitstreamHeader, FrameArrays]:
+    """Parse a whole bitstream file into its header and `FrameArrays` (codes [F, Q]).
+
+    Raises ProtocolError for any malformed input: `oversized` (len > `max_bytes`), header
+    errors (see `decode_file_header`), `truncated` (fewer frames than the header says, or a
+    streamed file cut inside a frame), `bad_field` (a frame count 0 or > Q), `trailing_data`,
+    `corrupt` (non-zero final padding).  The payload has no checksum of its own.
+    """
+    if max_bytes is not None and len(data) > max_bytes:
+        raise ProtocolError(
+            ErrorCode.OVERSIZED, f"file of {len(data)} bytes exceeds the limit of {max_bytes}"
+        )
+    header, offset = decode_file_header(data)
+    arrays = unpack_frame_stream(
+        data,
+        code_bits=header.code_bits,
+        gain_bits=header.gain_bits,
+        max_codebooks=header.num_codebooks,
+        count=header.num_frames,
+        offset=offset,
+    )
+    return header, arrays
+
+
+def read_bitstream(
+    data: Buffer, *, max_bytes: int | None = None
+) -> tuple[BitstreamHeader, list[TokenFrame]]:
+    """Parse a whole bitstream file into its header and frames (see `read_bitstream_arrays`)."""
+    header, arrays = read_bitstream_arrays(data, max_bytes=max_bytes)
+    return header, arrays.frames()
+
+
+# --------------------------------------------------------------------------------------------
+# JSON form
+# --------------------------------------------------------------------------------------------
+
+_FRAME_KEYS: Final = frozenset({"num_codebooks", "gain_index", "codes"})
+_PACKET_KEYS: Final = _FRAME_KEYS | {"version", "stream_id", "seq", "timestamp_us"}
+_PACKET_OPTIONAL: Final = frozenset({"times"})
+_TIMES_KEYS: Final = ("client_send_us", "server_recv_us", "server_send_us")
+
+
+def frame_to_json(frame: TokenFrame) -> dict[str, object]:
+    """JSON-ready dict of a frame: {"num_codebooks", "gain_index", "codes": [...]}."""
+    return {
+        "num_codebooks": frame.num_codebooks,
+        "gain_index": frame.gain_index,
+        "codes": list(frame.codes),
+    }
+
+
+def packet_to_json(packet: TokenPacket) -> dict[str, object]:
+    """JSON-ready dict of a packet (see docs/protocol.md, "JSON form")."""
+    out: dict[str, object] = {
+        "version": PROTOCOL_VERSION,
+        "stream_id": packet.stream_id,
+        "seq": packet.seq,
+        "timestamp_us": packet.timestamp_us,
+        **frame_to_json(packet.frame),
+    }
+    if packet.times is not None:
+        t = packet.times
+        out["times"] = {
+            "client_send_us": t.client_send_us,
+            "server_recv_us": t.server_recv_us,
+            "server_send_us": t.server_send_us,
+        }
+    return out
+
+
+def _json_object(obj: object, what: str, *, text: bool = True) -> Mapping[str, object]:
+    if text and isinstance(obj, (str, bytes, bytearray)):
+        try:
+            obj = json.loads(obj)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ProtocolError(ErrorCode.CORRUPT, f"{what} is not valid JSON: {exc}") from None
+    if not isinstance(obj, Mapping) or not all(isinstance(k, str) for k in obj):
+        raise ProtocolError(ErrorCode.BAD_FIELD, f"{what} must be a JSON object")
+    return obj
+
+
+def _check_keys(
+    obj: Mapping[str, object], required: frozenset[str], optional: frozenset[str], what: str
+) -> None:
+    missing = required - obj.keys()
+    if missing:
+        raise ProtocolError(ErrorCode.BAD_FIELD, f"{what} lacks {sorted(missing)}")
+    unknown = obj.keys() - required - optional
+    if unknown:
+        raise ProtocolError(ErrorCode.BAD_FIELD, f"{what} has unknown keys {sorted(unknown)}")
+
+
+def _json_int(value: object, name: str, lo: int, hi: int) -> int:
+    if type(value) is not int or not lo <= value <= hi:
+        raise ProtocolError(ErrorCode.BAD_FIELD, f"{name} must be an int in {lo}..{hi}")
+    return value
+
+
+def _frame_from_mapping(
+    obj: Mapping[str, object], code_bits: int, gain_bits: int, max_codebooks: int
+) -> TokenFrame:
+    n = _json_int(obj["num_codebooks"], "num_codebooks", 1, max_codebooks)
+    gain = _json_int(obj["gain_index"], "gain_index", 0, (1 << gain_bits) - 1)
+    raw = obj["codes"]
+    if not isinstance(raw, list) or len(raw) != n:
+        raise ProtocolError(ErrorCode.BAD_FIELD, f"codes must be a list of {n} ints")
+    top = (1 << code_bits) - 1
+    codes = tuple(_json_int(c, f"codes[{i}]", 0, top) for i, c in enumerate(raw))
+    return TokenFrame(n, gain, codes)
+
+
+def frame_from_json(
+    obj: Mapping[str, object] | str | bytes,
+    *,
+    code_bits: int,
+    gain_bits: int,
+    max_codebooks: int,
+) -> TokenFrame:
+    """Validate and convert the JSON form of a frame (a dict, or JSON text).
+
+    Raises ProtocolError: `corrupt` (unparsable text), `bad_field` (not an object, missing or
+    unknown keys, non-int or out-of-range values, `len(codes) != num_codebooks`).
+    """
+    _check_params(code_bits, gain_bits, max_codebooks)
+    mapping = _json_object(obj, "frame")
+    _check_keys(mapping, _FRAME_KEYS, frozenset(), "frame")
+    return _frame_from_mapping(mapping, code_bits, gain_bits, max_codebooks)
+
+
+def packet_from_json(
+    obj: Mapping[str, object] | str | bytes,
+    *,
+    code_bits: int,
+    gain_bits: int,
+    max_codebooks: int,
+) -> TokenPacket:
+    """Validate and convert the JSON form of a packet (a dict, or JSON text).
+
+    Raises ProtocolError as `frame_from_json`, plus `unknown_version` for a "version" other
+    than `PROTOCOL_VERSION`.
+    """
+    _check_params(code_bits, gain_bits, max_codebooks)
+    mapping = _json_object(obj, "packet")
+    if "version" in mapping and mapping["version"] != PROTOCOL_VERSION:
+        raise ProtocolError(
+            ErrorCode.UNKNOWN_VERSION,
+            f"packet version {mapping['version']!r} (this reader supports {PROTOCOL_VERSION})",
+        )
+    _check_keys(mapping, _PACKET_KEYS, _PACKET_OPTIONAL, "packet")
+    times = None
+    if "times" in mapping:
+        raw_times = _json_object(mapping["times"], "times", text=False)
+        _check_keys(raw_times, frozenset(_TIMES_KEYS), frozenset(), "times")
+        c, r, s = (_json_int(raw_times[k], k, 0, _U32_MAX) for k in _TIMES_KEYS)
+        times = PacketTimes(c, r, s)
+    return TokenPacket(
+        _json_int(mapping["stream_id"], "stream_id", 0, _U32_MAX),
+        _json_int(mapping["seq"], "seq", 0, 0xFFFF),
+        _json_int(mapping["timestamp_us"], "timestamp_us", 0, _U32_MAX),
+        _frame_from_mapping(mapping, code_bits, gain_bits, max_codebooks),
+        times,
+    )
