@@ -18,6 +18,7 @@ from dataclasses import fields
 from pathlib import Path
 
 DEFAULT_CORPUS = Path.home() / ".cache" / "codec-corpus"
+SHIPPED_WEIGHTS = Path(__file__).resolve().parent / "checkpoints" / "default.pt"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,7 +32,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--run", type=Path, required=True, help="run folder for checkpoints/logs")
     train.add_argument("--steps", type=int, default=200_000, help="train until this step")
     train.add_argument("--init-from", type=Path,
-                       help="start from these weights (fine-tuning): a .pt checkpoint")
+                       help="start from these weights (fine-tuning): a .pt checkpoint, or "
+                            "'shipped' for the weights of the bundled model")
+    train.add_argument("--resume-weights", type=Path,
+                       help="continue a run whose full checkpoint was lost: weights and step "
+                            "from this weights-only file, fresh optimizer state")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a TrainConfig field, e.g. --set lr=3e-4 (codec.X for "
                             "codec fields, only when starting a new run)")
@@ -43,6 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", type=Path, required=True, help="output model folder")
     export.add_argument("--model-id", default=None, help="model id recorded in the card")
     export.add_argument("--quality", type=Path, help="JSON of measured quality for the card")
+    export.add_argument("--save-weights", type=Path,
+                        help=f"also write fp16 weights for fine-tuning (the shipped ones live "
+                             f"in {SHIPPED_WEIGHTS.relative_to(SHIPPED_WEIGHTS.parents[2])})")
+    export.add_argument("--fp32", action="store_true",
+                        help="store float32 weights (default: fp16-rounded weights, half size)")
 
     evaluate = sub.add_parser("evaluate", help="quick quality check of a checkpoint on clips")
     evaluate.add_argument("--checkpoint", type=Path, required=True)
@@ -93,8 +103,12 @@ def cmd_train(args: argparse.Namespace) -> None:
     if latest.exists():
         trainer.load(latest)
         print(f"resumed {latest} at step {trainer.step}", file=sys.stderr)
+    elif args.resume_weights:
+        trainer.load(args.resume_weights, weights_only=True, keep_step=True)
+        print(f"continuing from {args.resume_weights} at step {trainer.step}", file=sys.stderr)
     elif args.init_from:
-        trainer.load(args.init_from, weights_only=True)
+        init = SHIPPED_WEIGHTS if str(args.init_from) == "shipped" else args.init_from
+        trainer.load(init, weights_only=True)
         print(f"fine-tuning from {args.init_from}", file=sys.stderr)
     print(f"model: {describe(trainer.model)}", file=sys.stderr)
     trainer.run(args.steps)
@@ -108,7 +122,11 @@ def cmd_export(args: argparse.Namespace) -> None:
         raise SystemExit("codec-train export: give --checkpoint or --random")
     quality = json.loads(args.quality.read_text()) if args.quality else None
     card = export_model(args.out, checkpoint=args.checkpoint, model_id=args.model_id,
-                        quality=quality)
+                        quality=quality, fp16=not args.fp32)
+    if args.save_weights:
+        from models.export import save_weights
+
+        save_weights(args.checkpoint, args.save_weights, card["model_id"])
     print(json.dumps({k: card[k] for k in ("model_id", "latency_ms", "mflops_per_second")},
                      indent=2))
 

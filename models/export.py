@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+import onnx.numpy_helper
 import torch
 from torch import nn
 
@@ -62,6 +63,15 @@ def load_checkpoint(path: Path) -> tuple[CausalCodec, dict[str, Any]]:
     model.load_state_dict(blob["model"])
     model.eval()
     return model, {"step": int(blob.get("step", 0)), "config": blob["config"]}
+
+
+def save_weights(checkpoint: Path, out: Path, model_id: str) -> None:
+    """Weights-only fp16 copy of a training checkpoint (for fine-tuning, about 10 MB)."""
+    blob = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    weights = {k: v.half() if v.is_floating_point() else v for k, v in blob["model"].items()}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": weights, "step": blob["step"], "config": blob["config"],
+                "model_id": model_id}, out)
 
 
 def random_model(config: CodecConfig | None = None, seed: int = 0) -> CausalCodec:
@@ -158,6 +168,40 @@ def build_card(model: CausalCodec, states: dict[str, list[dict[str, Any]]], mode
     }
 
 
+def round_weights_to_fp16(model: CausalCodec) -> None:
+    """Round parameters and codebooks to fp16 precision in place (values stay float32), so an
+    fp16-stored graph computes exactly what this model computes."""
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *(s.embedding for s in model.quantizer.stages)]:
+            tensor.copy_(tensor.half().float())
+
+
+def store_weights_as_fp16(path: Path, min_elements: int = 1024) -> None:
+    """Store float32 initializers that are exactly representable in fp16 as fp16 + Cast.
+
+    Halves the file; onnxruntime folds the casts when it loads the graph, so it still
+    computes in float32. Initializers that fp16 would change (the MDCT basis) stay float32.
+    """
+    model = onnx.load(str(path))
+    graph = model.graph
+    casts = []
+    for init in graph.initializer:
+        if init.data_type != onnx.TensorProto.FLOAT or int(np.prod(init.dims)) < min_elements:
+            continue
+        values = onnx.numpy_helper.to_array(init)
+        half = values.astype(np.float16)
+        if not np.array_equal(half.astype(np.float32), values):
+            continue
+        name = init.name
+        init.CopyFrom(onnx.numpy_helper.from_array(half, f"{name}__fp16"))
+        casts.append(onnx.helper.make_node("Cast", [f"{name}__fp16"], [name],
+                                           to=onnx.TensorProto.FLOAT, name=f"{name}__cast"))
+    nodes = list(graph.node)
+    del graph.node[:]
+    graph.node.extend(casts + nodes)
+    onnx.save(model, str(path))
+
+
 def embed_card(path: Path, card: dict[str, Any]) -> None:
     graph = onnx.load(str(path))
     del graph.metadata_props[:]
@@ -168,10 +212,11 @@ def embed_card(path: Path, card: dict[str, Any]) -> None:
 
 def export_model(out_dir: Path, checkpoint: Path | None = None, model_id: str | None = None,
                  quality: dict[str, Any] | None = None, model: CausalCodec | None = None,
-                 random_weights: bool | None = None) -> dict[str, Any]:
+                 random_weights: bool | None = None, fp16: bool = False) -> dict[str, Any]:
     """Export a checkpoint (or ``model``, or random weights) to ``out_dir``; return the card.
 
     ``random_weights`` labels the card; by default a model without a checkpoint is untrained.
+    ``fp16`` rounds the weights to fp16 precision and stores them so (half the size).
     """
     meta: dict[str, Any] = {}
     if random_weights is None:
@@ -180,7 +225,12 @@ def export_model(out_dir: Path, checkpoint: Path | None = None, model_id: str | 
         model, meta = load_checkpoint(checkpoint)
     elif model is None:
         model = random_model()
+    if fp16:
+        round_weights_to_fp16(model)
     states = export_graphs(model, out_dir)
+    if fp16:
+        for name in ("encoder.onnx", "decoder.onnx"):
+            store_weights_as_fp16(out_dir / name)
     digest = hashlib.sha256((out_dir / "decoder.onnx").read_bytes()).hexdigest()[:8]
     prefix = "cs-mdct-random" if random_weights else "cs-mdct"
     model_id = model_id or f"{prefix}-{meta.get('step', 0)}-{digest}"

@@ -108,9 +108,12 @@ class Trainer:
         os.replace(tmp, path)
         return path
 
-    def load(self, path: Path, weights_only: bool = False) -> None:
+    def load(self, path: Path, weights_only: bool = False, keep_step: bool = False) -> None:
+        """Resume from a full checkpoint, or take only the weights (and the step if asked)."""
         blob = torch.load(path, map_location="cpu", weights_only=False)
         self.model.load_state_dict(blob["model"])
+        if keep_step:
+            self.step = int(blob["step"])
         if not weights_only:
             self.optimizer.load_state_dict(blob["optimizer"])
             self.step = int(blob["step"])

@@ -95,3 +95,25 @@ def test_bitrates_follow_the_frame_payload() -> None:
         bits = 4 + card["gain"]["bits"] + card["code_bits"] * int(count)
         assert kbps == pytest.approx(bits * frames_per_s / 1000)
     assert CodecConfig().num_codebooks >= 11
+
+
+def test_fp16_storage_halves_the_file_and_keeps_exact_parity(tmp_path: Path) -> None:
+    model = random_model(TINY, seed=4)
+    export_model(tmp_path / "fp32", model=model, model_id="t32")
+    export_model(tmp_path / "fp16", model=model, model_id="t16", fp16=True)  # rounds `model`
+    size32 = (tmp_path / "fp32" / "decoder.onnx").stat().st_size
+    size16 = (tmp_path / "fp16" / "decoder.onnx").stat().st_size
+    assert size16 < size32
+    graph = onnx.load(str(tmp_path / "fp16" / "decoder.onnx")).graph
+    large_fp32 = [tuple(i.dims) for i in graph.initializer
+                  if i.data_type == onnx.TensorProto.FLOAT and np.prod(i.dims) >= 1024]
+    assert set(large_fp32) <= {(N, N + L), (N + L, N)}  # only the MDCT basis stays float32
+    assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in graph.initializer)
+    pcm = speechlike(8)
+    codes, gains = model.encode(pcm)
+    onnx_codec = OnnxCodec(tmp_path / "fp16")
+    onnx_codes, _ = onnx_codec.encode(pcm.numpy())
+    np.testing.assert_array_equal(onnx_codes, codes.numpy())
+    offline = model.decode(codes, gains, 3).numpy()
+    streamed = onnx_codec.decode(codes.numpy(), gains.numpy(), 3)
+    np.testing.assert_allclose(streamed[:, L:], offline[:, :-L], atol=1e-4)
