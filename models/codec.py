@@ -167,8 +167,14 @@ class CausalCodec(nn.Module):
         return self.features(coeffs / gain), index, gain
 
     def synthesise_spans(self, shape: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
-        """Decoded shape [..., N] times gain [..., 1] -> synthesis spans [..., N+L]."""
-        return (shape * gain) @ self.analysis
+        """Decoded shape [..., N] times gain [..., 1] -> synthesis spans [..., N+L].
+
+        The shape is normalized to unit RMS first, so every decoded frame carries exactly the
+        transmitted gain: the output level follows the input level, and re-encoding the output
+        gives back the same gain index (idempotent level).
+        """
+        unit = shape * torch.rsqrt(shape.pow(2).mean(-1, keepdim=True) + 1e-8)
+        return (unit * gain) @ self.analysis
 
     # -- full sequence ----------------------------------------------------------------------
     def encode_latents(self, pcm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
