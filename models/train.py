@@ -22,6 +22,11 @@ from tqdm import tqdm
 
 from models.codec import CausalCodec, CodecConfig, count_parameters
 from models.data import Corpus
+from models.discriminator import (
+    MultiResolutionMDCTDiscriminator,
+    discriminator_loss,
+    generator_losses,
+)
 from models.losses import MultiResolutionSpectralLoss
 from models.mdct import frame_spans
 
@@ -41,6 +46,10 @@ class TrainConfig:
     weight_convergence: float = 1.0
     weight_commit: float = 0.25
     weight_mdct: float = 0.0
+    weight_adv: float = 0.0
+    weight_feat: float = 2.0
+    adv_batch: int = 8
+    disc_lr: float = 2e-4
     weight_idem: float = 0.5
     idem_start: int = 10000
     grad_clip: float = 5.0
@@ -91,12 +100,17 @@ class Trainer:
         self.loss = MultiResolutionSpectralLoss(config.codec.sample_rate)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr,
                                            betas=(0.8, 0.99), weight_decay=0.0)
+        self.discriminator = MultiResolutionMDCTDiscriminator()
+        self.disc_optimizer = torch.optim.AdamW(self.discriminator.parameters(),
+                                                lr=config.disc_lr, betas=(0.8, 0.99))
         self.step = 0
         self.stop_requested = False
 
     # -- checkpoints -------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "discriminator": self.discriminator.state_dict(),
+                "disc_optimizer": self.disc_optimizer.state_dict(),
                 "step": self.step, "config": asdict(self.config),
                 "rng": torch.get_rng_state()}
 
@@ -116,6 +130,9 @@ class Trainer:
             self.step = int(blob["step"])
         if not weights_only:
             self.optimizer.load_state_dict(blob["optimizer"])
+            if "discriminator" in blob:
+                self.discriminator.load_state_dict(blob["discriminator"])
+                self.disc_optimizer.load_state_dict(blob["disc_optimizer"])
             self.step = int(blob["step"])
             torch.set_rng_state(blob["rng"])
 
@@ -133,12 +150,19 @@ class Trainer:
             terms["mdct"] = mdct_loss(self.model, out.pcm, pcm)
             total = total + config.weight_mdct * terms["mdct"]
         logs = {k: float(v.detach()) for k, v in terms.items()}
-        logs["commit"] = float(out.quantizer.commitment)
+        logs["commit"] = float(out.quantizer.commitment.detach())
         if self.step >= config.idem_start and config.weight_idem > 0:
             idem = idempotence_loss(self.model, out.pcm, out.quantizer.quantized,
                                     out.quantizer.used_codebooks)
             total = total + config.weight_idem * idem
             logs["idem"] = float(idem)
+        if config.weight_adv > 0:
+            real, fake = pcm[: config.adv_batch], out.pcm[: config.adv_batch]
+            logs["disc"] = self.discriminator_step(real, fake.detach())
+            adversarial, matching = generator_losses(self.discriminator(real),
+                                                     self.discriminator(fake))
+            total = total + config.weight_adv * adversarial + config.weight_feat * matching
+            logs.update(adv=float(adversarial), feat=float(matching))
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate(config, self.step)
         self.optimizer.zero_grad(set_to_none=True)
@@ -149,6 +173,14 @@ class Trainer:
         logs.update(total=float(total), grad_norm=float(grad_norm),
                     lr=self.optimizer.param_groups[0]["lr"])
         return logs
+
+    def discriminator_step(self, real: torch.Tensor, fake: torch.Tensor) -> float:
+        """One update of the MDCT discriminator on real and generated PCM [b, S]."""
+        loss = discriminator_loss(self.discriminator(real), self.discriminator(fake))
+        self.disc_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.disc_optimizer.step()
+        return float(loss.detach())
 
     def usage(self) -> list[float]:
         """Codebook perplexity per stage from the EMA counts (1024 = all codes equally used)."""
