@@ -1,63 +1,33 @@
-"""`codec-server` entry point.
+"""`codec-server`: the codecstream server with the bundled model, no configuration needed.
 
-Placeholder: serves only `/healthz` until the streaming server replaces it. The command line
-(--host/--port, CODECSTREAM_HOST/CODECSTREAM_PORT) is what the README and Docker image rely on.
+    codec-server                       # http://127.0.0.1:8000, bundled model, no auth
+    codec-server --host 0.0.0.0 --port 9000 --api-key k1 --api-key k2:4 --max-sessions 128
+    CODECSTREAM_API_KEYS=k1,k2:4 codec-server
+
+Every option also reads an environment variable (`codec-server --help` lists them; see
+docs/server.md).  At start the log names the model id, whether its weights are random (the
+untrained placeholder) and whether authentication is enabled.
 """
 
 from __future__ import annotations
 
-import argparse
-import os
+import logging
 from collections.abc import Sequence
 
-import uvicorn
-from fastapi import FastAPI
+from server.runner import serve
+from server.settings import parse_settings
 
-DEFAULT_HOST = "127.0.0.1"
-DEFAULT_PORT = 8000
-
-
-def create_app() -> FastAPI:
-    """The ASGI application."""
-    app = FastAPI(title="codecstream")
-
-    @app.get("/healthz")
-    async def healthz() -> dict[str, str]:
-        return {"status": "ok"}
-
-    return app
-
-
-def _port(parser: argparse.ArgumentParser, given: int | None) -> int:
-    """--port if given, else CODECSTREAM_PORT, else the default."""
-    if given is not None:
-        return given
-    raw = os.environ.get("CODECSTREAM_PORT", str(DEFAULT_PORT))
-    try:
-        return int(raw)
-    except ValueError:
-        parser.error(f"CODECSTREAM_PORT must be an integer, got {raw!r}")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="codec-server", description=__doc__)
-    parser.add_argument(
-        "--host",
-        default=os.environ.get("CODECSTREAM_HOST", DEFAULT_HOST),
-        help="address to bind (env CODECSTREAM_HOST, default %(default)s)",
-    )
-    parser.add_argument(
-        "--port",
-        type=int,
-        help=f"TCP port (env CODECSTREAM_PORT, default {DEFAULT_PORT})",
-    )
-    return parser
+__all__ = ["main"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    uvicorn.run(create_app(), host=args.host, port=_port(parser, args.port))
+    """Parse settings (environment + command line), then serve until interrupted."""
+    settings = parse_settings(argv)
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    serve(settings)
     return 0
 
 

@@ -1,0 +1,169 @@
+"""The FastAPI application: `create_app(settings)`.
+
+The lifespan loads the model (`CodecModel.load`, off the event loop), starts the engine
+worker thread and publishes an `AppState` as `app.state.codec`; on exit it closes every
+session with 1001 ("server shutting down") and stops the worker.  `server.runner.CodecServer`
+runs that close before uvicorn tears connections down (uvicorn alone would send 1012).
+
+Routes: the HTTP endpoints of `server.http_api` and four WebSockets:
+`/v1/encode`, `/v1/decode`, `/v1/roundtrip` (`server.session.StreamSession`) and
+`/v1/rooms/{room_id}` (`server.rooms.RoomSession`); protocol in docs/protocol.md.
+Every WebSocket is accepted, then checked (API key: 4401; session limits: 4429) before its
+hello.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, WebSocket
+from fastapi.middleware.cors import CORSMiddleware
+
+from server.auth import AuthError, Lease
+from server.codes import CloseCode, SessionError, close_reason
+from server.engine_worker import EngineWorker
+from server.http_api import router
+from server.messages import Endpoint
+from server.metrics import Metrics
+from server.rooms import RoomRegistry, RoomSession
+from server.session import Session, StreamSession
+from server.settings import Settings
+from server.state import AppState
+from streaming.model import CodecModel
+
+__all__ = ["create_app"]
+
+log = logging.getLogger("codecstream.server")
+
+SessionFactory = Callable[[AppState, WebSocket, Lease], Session]
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The ASGI app for `settings` (default: `Settings.from_env()`)."""
+    settings = settings or Settings.from_env()
+    settings.key_limits()  # fail fast on invalid keys
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state = await _start(settings, metrics)
+        app.state.codec = state
+        state.start_watchdog()
+        try:
+            yield
+        finally:
+            await state.close_all(settings.shutdown_timeout_s)
+            await state.stop_watchdog()
+            await asyncio.to_thread(state.worker.stop)
+            log.info("engine worker stopped")
+
+    app = FastAPI(title="codecstream", version="1", lifespan=lifespan)
+    app.state.metrics = metrics
+    app.state.settings = settings
+    app.state.codec = None
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(settings.cors_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "X-API-Key", "Content-Type"],
+        )
+    app.include_router(router)
+    _websockets(app)
+    return app
+
+
+async def _start(settings: Settings, metrics: Metrics) -> AppState:
+    model = await asyncio.to_thread(CodecModel.load, settings.model_dir, settings.engine_threads)
+    card = model.card
+    metrics.model_info.labels(card.model_id, str(card.random_weights).lower()).set(1)
+    worker = EngineWorker(model, metrics, batch_window_s=settings.batch_window_ms / 1000.0)
+    worker.start(asyncio.get_running_loop())
+    state = AppState(settings, model, worker, metrics, RoomRegistry(metrics))
+    log.info(
+        "model %s loaded from %s (%d Hz, %d codebooks, %.1f ms algorithmic latency)",
+        card.model_id,
+        model.path,
+        card.sample_rate,
+        card.num_codebooks,
+        card.algorithmic_latency_ms,
+    )
+    if card.random_weights:
+        log.warning(
+            "model %s has RANDOM WEIGHTS (untrained placeholder): audio is noise", card.model_id
+        )
+    if not state.admission.enabled:
+        log.warning(
+            "NO API KEYS CONFIGURED: authentication is DISABLED, every client is "
+            "accepted (set CODECSTREAM_API_KEYS or --api-key)"
+        )
+    else:
+        log.info("authentication enabled: %d API key(s)", len(state.admission.limits))
+    return state
+
+
+def _stream(endpoint: Endpoint) -> SessionFactory:
+    def factory(state: AppState, ws: WebSocket, lease: Lease) -> Session:
+        return StreamSession(state, ws, lease, endpoint)
+
+    return factory
+
+
+async def _serve(ws: WebSocket, endpoint: Endpoint, factory: SessionFactory) -> None:
+    lease = await _admit(ws, endpoint)
+    if lease is not None:
+        await factory(ws.app.state.codec, ws, lease).run()
+
+
+def _websockets(app: FastAPI) -> None:
+    @app.websocket("/v1/encode")
+    async def ws_encode(ws: WebSocket) -> None:
+        await _serve(ws, Endpoint.ENCODE, _stream(Endpoint.ENCODE))
+
+    @app.websocket("/v1/decode")
+    async def ws_decode(ws: WebSocket) -> None:
+        await _serve(ws, Endpoint.DECODE, _stream(Endpoint.DECODE))
+
+    @app.websocket("/v1/roundtrip")
+    async def ws_roundtrip(ws: WebSocket) -> None:
+        await _serve(ws, Endpoint.ROUNDTRIP, _stream(Endpoint.ROUNDTRIP))
+
+    @app.websocket("/v1/rooms/{room_id}")
+    async def ws_room(ws: WebSocket, room_id: str) -> None:
+        def factory(state: AppState, ws: WebSocket, lease: Lease) -> Session:
+            return RoomSession(state, ws, lease, room_id)
+
+        await _serve(ws, Endpoint.ROOM, factory)
+
+
+async def _admit(ws: WebSocket, endpoint: Endpoint) -> Lease | None:
+    """Accept, then check key and limits; close (and count) a refused connection."""
+    await ws.accept()
+    state: AppState | None = ws.app.state.codec
+    if state is None or state.shutting_down:
+        await _refuse(
+            ws, None, endpoint, SessionError(CloseCode.GOING_AWAY, "server shutting down")
+        )
+        return None
+    try:
+        key = state.admission.authenticate(ws.headers, ws.query_params)
+        return state.admission.acquire(key, endpoint.value)
+    except AuthError as exc:
+        await _refuse(ws, state, endpoint, SessionError(CloseCode.UNAUTHORIZED, exc.message))
+    except SessionError as exc:
+        await _refuse(ws, state, endpoint, exc)
+    return None
+
+
+async def _refuse(
+    ws: WebSocket, state: AppState | None, endpoint: Endpoint, error: SessionError
+) -> None:
+    if state is not None:
+        state.metrics.sessions_closed.labels(endpoint.value, str(int(error.code))).inc()
+        state.metrics.protocol_errors.labels(str(int(error.code))).inc()
+    with contextlib.suppress(Exception):
+        await ws.close(int(error.code), close_reason(error.reason))

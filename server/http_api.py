@@ -1,0 +1,372 @@
+"""HTTP endpoints: health, readiness, model cards, metrics, file encode and decode.
+
+* `GET /healthz`: liveness (the process answers), always 200.
+* `GET /readyz`: 200 when the model is loaded and the engine worker alive, else 503.
+* `GET /v1/models`: the loaded model's card.
+* `GET /metrics`: Prometheus text (server.metrics).
+* `POST /v1/encode`: WAV body -> bitstream file (docs/protocol.md, "Bitstream file");
+  query `bitrate_kbps` or `num_codebooks` (default 6 kbps).
+* `POST /v1/decode`: bitstream file body -> 16-bit mono WAV at the model rate or
+  `?sample_rate=` (8000, 16000, 24000, 48000).
+
+File jobs run on the engine worker like any stream (one frame per tick, batched with the live
+sessions), count as sessions against the limits, and need an API key when keys are set.
+Errors are JSON `{"error": <short code>, "detail": <message>}` with a precise 4xx status:
+400 bad query, 401 no/unknown key, 413 body over `max_upload_bytes`, 415 not a usable WAV or
+sample rate, 422 malformed bitstream (the `ErrorCode`) or one made by another model, 429 too
+many sessions, 503 not ready.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from typing import Any, Final
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from server.auth import AuthError, Lease
+from server.codes import SessionError
+from server.engine_worker import Fatal, Out
+from server.jobs import Done, EndMark, StreamJob, TokenOutput
+from server.messages import default_codebooks
+from server.state import AppState
+from server.wav import WavError, read_wav, write_wav
+from streaming.framing import SUPPORTED_RATES, SampleFormat
+from streaming.protocol import (
+    BitstreamHeader,
+    BitstreamWriter,
+    ProtocolError,
+    TokenFrame,
+    read_bitstream,
+)
+
+__all__ = ["HttpError", "router"]
+
+router = APIRouter()
+
+BITSTREAM_MEDIA_TYPE: Final = "application/vnd.codecstream.bitstream"
+_RATES: Final = ", ".join(map(str, SUPPORTED_RATES))
+
+
+class HttpError(Exception):
+    """An HTTP error answer: `status`, short `error` code, `detail` message."""
+
+    def __init__(self, status: int, error: str, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.error = error
+        self.detail = detail
+
+    def response(self) -> JSONResponse:
+        """The JSON error response."""
+        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
+        return JSONResponse(
+            {"error": self.error, "detail": self.detail}, status_code=self.status, headers=headers
+        )
+
+
+def _state(request: Request) -> AppState:
+    state: AppState | None = getattr(request.app.state, "codec", None)
+    if state is None or state.shutting_down:
+        raise HttpError(503, "not_ready", "the model is not loaded (starting or stopping)")
+    return state
+
+
+def _admit(state: AppState, request: Request, endpoint: str) -> Lease:
+    try:
+        key = state.admission.authenticate(request.headers, request.query_params)
+    except AuthError as exc:
+        raise HttpError(401, "unauthorized", exc.message) from None
+    try:
+        return state.admission.acquire(key, endpoint)
+    except SessionError as exc:
+        raise HttpError(429, "too_many_sessions", exc.reason) from None
+
+
+async def _body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise HttpError(413, "too_large", f"body of {declared} bytes exceeds {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise HttpError(413, "too_large", f"body exceeds {limit} bytes")
+        chunks.append(chunk)
+    if not size:
+        raise HttpError(400, "empty_body", "the request body is empty")
+    return b"".join(chunks)
+
+
+async def _run_job(state: AppState, job: StreamJob, items: list[object]) -> list[Any]:
+    """Run a file job on the engine worker; its outputs up to `Done`."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+    outputs: list[Any] = []
+
+    def sink(batch: list[Any]) -> None:
+        for item in batch:
+            if isinstance(item, Fatal):
+                if not done.done():
+                    done.set_exception(HttpError(500, "engine_error", item.reason))
+                return
+            outputs.append(item)
+            if isinstance(item, Done) and not done.done():
+                done.set_result(None)
+
+    job.sink = sink
+    state.worker.add(job)
+    try:
+        for item in items:
+            state.worker.submit(job, item)
+        state.worker.submit(job, EndMark())
+        await done
+    finally:
+        state.worker.remove(job)
+    return outputs
+
+
+def _bitstream(header: BitstreamHeader, frames: list[TokenFrame]) -> bytes:
+    """The bitstream file of `frames` (runs in a thread: O(frames) Python)."""
+    writer = BitstreamWriter(header)
+    writer.add_frames(frames)
+    return writer.finalize()
+
+
+def _codebooks_query(state: AppState, request: Request) -> int:
+    card = state.card
+    query = request.query_params
+    unknown = sorted(set(query) - {"bitrate_kbps", "num_codebooks", "api_key"})
+    if unknown:
+        raise HttpError(400, "bad_query", f"unknown query parameter {unknown[0]!r}")
+    if "bitrate_kbps" in query and "num_codebooks" in query:
+        raise HttpError(400, "bad_query", "give bitrate_kbps or num_codebooks, not both")
+    if "num_codebooks" in query:
+        raw = query["num_codebooks"]
+        if not raw.isdigit() or not 1 <= int(raw) <= card.num_codebooks:
+            raise HttpError(
+                400, "bad_query", f"num_codebooks must be an integer in 1..{card.num_codebooks}"
+            )
+        return int(raw)
+    if "bitrate_kbps" in query:
+        try:
+            kbps = float(query["bitrate_kbps"])
+            if not math.isfinite(kbps):
+                raise ValueError("not finite")
+            return card.codebooks_for_bitrate(kbps)
+        except ValueError as exc:
+            raise HttpError(400, "bad_query", f"bitrate_kbps: {exc}") from None
+    return default_codebooks(card)
+
+
+@router.get("/healthz")
+async def healthz() -> dict[str, str]:
+    """Liveness: the process answers."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz")
+async def readyz(request: Request) -> JSONResponse:
+    """Readiness: model loaded and engine worker alive (503 otherwise)."""
+    state: AppState | None = getattr(request.app.state, "codec", None)
+    if state is None or state.shutting_down or not state.worker.alive:
+        return JSONResponse({"status": "not_ready"}, status_code=503)
+    return JSONResponse({"status": "ready", "model_id": state.card.model_id})
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    """Prometheus text exposition."""
+    return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/v1/models")
+async def models(request: Request) -> JSONResponse:
+    """The model cards (one model per server)."""
+    try:
+        state = _state(request)
+        state.admission.authenticate(request.headers, request.query_params)
+    except HttpError as exc:
+        return exc.response()
+    except AuthError as exc:
+        return HttpError(401, "unauthorized", exc.message).response()
+    card = state.card
+    entry = {
+        "model_id": card.model_id,
+        "random_weights": card.random_weights,
+        "sample_rate": card.sample_rate,
+        "frame_size": card.frame_size,
+        "num_codebooks": card.num_codebooks,
+        "default_num_codebooks": default_codebooks(card),
+        "bitrates_kbps": {str(n): card.bitrate_kbps(n) for n in range(1, card.num_codebooks + 1)},
+        "algorithmic_latency_ms": card.algorithmic_latency_ms,
+        "card": dict(card.raw),
+    }
+    return JSONResponse({"models": [entry]})
+
+
+@router.post("/v1/encode")
+async def encode_file(request: Request) -> Response:
+    """WAV body -> bitstream file."""
+    try:
+        return await _encode(request)
+    except HttpError as exc:
+        return exc.response()
+
+
+async def _encode(request: Request) -> Response:
+    state = _state(request)
+    card = state.card
+    lease = _admit(state, request, "http_encode")
+    try:
+        num_codebooks = _codebooks_query(state, request)
+        body = await _body(request, state.settings.max_upload_bytes)
+        state.metrics.bytes_received.labels("http_encode").inc(len(body))
+        try:
+            pcm, rate = await asyncio.to_thread(read_wav, body)
+        except WavError as exc:
+            raise HttpError(exc.status, "bad_wav", exc.message) from None
+        if rate not in SUPPORTED_RATES:
+            raise HttpError(
+                415,
+                "unsupported_rate",
+                f"sample rate {rate} Hz is not supported (use {_RATES})",
+            )
+        job = StreamJob(
+            state.model,
+            lambda _: None,
+            endpoint="http_encode",
+            encode=True,
+            decode=False,
+            rate=rate,
+            fmt=SampleFormat.F32LE,
+            num_codebooks=num_codebooks,
+            tokens=TokenOutput.FRAMES,
+            http=True,
+        )
+        outputs = await _run_job(state, job, [pcm] if pcm.size else [])
+    finally:
+        lease.release()
+    frames = [item for item in outputs if isinstance(item, TokenFrame)]
+    done = next(item for item in outputs if isinstance(item, Done))
+    header = BitstreamHeader(
+        card.model_id,
+        card.sample_rate,
+        card.frame_size,
+        card.code_bits,
+        card.gain.bits,
+        card.num_codebooks,
+    )
+    data = await asyncio.to_thread(_bitstream, header, frames)
+    state.metrics.bytes_sent.labels("http_encode").inc(len(data))
+    return Response(
+        data,
+        media_type=BITSTREAM_MEDIA_TYPE,
+        headers={
+            "X-Codecstream-Model": card.model_id,
+            "X-Codecstream-Frames": str(len(frames)),
+            "X-Codecstream-Num-Codebooks": str(num_codebooks),
+            "X-Codecstream-Bitrate-Kbps": f"{card.bitrate_kbps(num_codebooks):g}",
+            "X-Codecstream-Late-Frames": str(done.late_frames),
+        },
+    )
+
+
+@router.post("/v1/decode")
+async def decode_file(request: Request) -> Response:
+    """Bitstream file body -> 16-bit WAV."""
+    try:
+        return await _decode(request)
+    except HttpError as exc:
+        return exc.response()
+
+
+def _rate_query(state: AppState, request: Request) -> int:
+    query = request.query_params
+    unknown = sorted(set(query) - {"sample_rate", "api_key"})
+    if unknown:
+        raise HttpError(400, "bad_query", f"unknown query parameter {unknown[0]!r}")
+    raw = query.get("sample_rate")
+    if raw is None:
+        return state.card.sample_rate
+    if not raw.isdigit() or int(raw) not in SUPPORTED_RATES:
+        raise HttpError(
+            415,
+            "unsupported_rate",
+            f"sample_rate must be one of {', '.join(map(str, SUPPORTED_RATES))}",
+        )
+    return int(raw)
+
+
+def _check_header(state: AppState, header: BitstreamHeader) -> None:
+    card = state.card
+    if header.model_id != card.model_id:
+        raise HttpError(
+            422,
+            "model_mismatch",
+            f"the bitstream was made by model {header.model_id!r}; this server runs "
+            f"{card.model_id!r}",
+        )
+    ours = (card.sample_rate, card.frame_size, card.code_bits, card.gain.bits, card.num_codebooks)
+    theirs = (
+        header.sample_rate,
+        header.frame_size,
+        header.code_bits,
+        header.gain_bits,
+        header.num_codebooks,
+    )
+    if ours != theirs:
+        raise HttpError(
+            422,
+            "model_mismatch",
+            f"bitstream parameters (rate, frame, code bits, gain bits, Q) {theirs} differ from "
+            f"the model's {ours}",
+        )
+
+
+async def _decode(request: Request) -> Response:
+    state = _state(request)
+    lease = _admit(state, request, "http_decode")
+    try:
+        rate = _rate_query(state, request)
+        body = await _body(request, state.settings.max_upload_bytes)
+        state.metrics.bytes_received.labels("http_decode").inc(len(body))
+        try:
+            header, frames = await asyncio.to_thread(read_bitstream, body)
+        except ProtocolError as exc:
+            state.metrics.packet_errors.labels(exc.code.value).inc()
+            raise HttpError(422, exc.code.value, exc.message) from None
+        _check_header(state, header)
+        job = StreamJob(
+            state.model,
+            lambda _: None,
+            endpoint="http_decode",
+            encode=False,
+            decode=True,
+            rate=rate,
+            fmt=SampleFormat.S16LE,
+            num_codebooks=state.card.num_codebooks,
+            tokens=TokenOutput.NONE,
+            http=True,
+        )
+        outputs = await _run_job(state, job, [frames] if frames else [])
+    finally:
+        lease.release()
+    pcm = b"".join(
+        item.data for item in outputs if isinstance(item, Out) and isinstance(item.data, bytes)
+    )
+    data = write_wav(pcm, rate)
+    state.metrics.bytes_sent.labels("http_decode").inc(len(data))
+    return Response(
+        data,
+        media_type="audio/wav",
+        headers={
+            "X-Codecstream-Model": state.card.model_id,
+            "X-Codecstream-Frames": str(len(frames)),
+            "X-Codecstream-Samples": str(len(pcm) // 2),
+        },
+    )

@@ -1,0 +1,432 @@
+"""Text messages of the session protocol: hello, control messages, server messages.
+
+`parse_text` turns a text message into a JSON object (1007 if it is not one); `parse_hello`
+validates the first message of a session against its endpoint (docs/protocol.md, "Hello");
+`parse_control` validates every later text message.  Every failure raises `SessionError`
+with the close code of the table in docs/protocol.md and a reason naming the field.
+
+Server messages are built by `ready_message` & co and serialised by `to_text` (compact JSON).
+Times on the wire are the server clock in microseconds modulo 2**32 (`clock_us`), derived
+from `time.perf_counter` (seconds), the clock of every latency record of the engine.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any, Final
+
+from server.codes import CloseCode, SessionError
+from streaming.framing import SUPPORTED_RATES, SampleFormat
+from streaming.model import ModelCard
+from streaming.protocol import ProtocolError, TokenPacket, packet_from_json
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "Control",
+    "End",
+    "Endpoint",
+    "Flush",
+    "Hello",
+    "Media",
+    "PacketMessage",
+    "Ping",
+    "SetBitrate",
+    "TokenForm",
+    "clock_us",
+    "parse_control",
+    "parse_hello",
+    "parse_text",
+    "to_text",
+]
+
+PROTOCOL_VERSION: Final = 1
+"""Version of the session protocol (hello `version`)."""
+
+DEFAULT_BITRATE_KBPS: Final = 6.0
+"""Bitrate of produced frames when the hello names none (11 codebooks on the default model)."""
+
+MAX_NAME_CHARS: Final = 64
+"""Longest room display name."""
+
+
+def clock_us(seconds: float) -> int:
+    """A `time.perf_counter` reading (s) as the wire clock: µs modulo 2**32."""
+    return int(seconds * 1e6) & 0xFFFFFFFF
+
+
+def to_text(message: dict[str, Any]) -> str:
+    """Compact JSON text of a server message."""
+    return json.dumps(message, separators=(",", ":"), allow_nan=False)
+
+
+class Endpoint(StrEnum):
+    """The four WebSocket endpoints (ready `endpoint`)."""
+
+    ENCODE = "encode"
+    DECODE = "decode"
+    ROUNDTRIP = "roundtrip"
+    ROOM = "room"
+
+
+class Media(StrEnum):
+    """What a room participant sends or receives."""
+
+    TOKENS = "tokens"
+    PCM = "pcm"
+    NONE = "none"
+
+
+class TokenForm(StrEnum):
+    """How token packets travel: binary packets or JSON `packet` text messages."""
+
+    BINARY = "binary"
+    JSON = "json"
+
+
+@dataclass(frozen=True)
+class Hello:
+    """A validated hello.  `num_codebooks` is resolved from `bitrate_kbps` (or the default)."""
+
+    endpoint: Endpoint
+    sample_rate: int
+    fmt: SampleFormat
+    num_codebooks: int
+    tokens: TokenForm
+    return_tokens: bool
+    timestamps: bool
+    stream_id: int | None
+    send: Media
+    receive: Media
+    name: str
+
+    @property
+    def sends_pcm(self) -> bool:
+        """The client sends PCM (encode, roundtrip, room `send: pcm`)."""
+        if self.endpoint is Endpoint.ROOM:
+            return self.send is Media.PCM
+        return self.endpoint is not Endpoint.DECODE
+
+    @property
+    def receives_pcm(self) -> bool:
+        """The server sends PCM (decode, roundtrip, room `receive: pcm`)."""
+        if self.endpoint is Endpoint.ROOM:
+            return self.receive is Media.PCM
+        return self.endpoint is not Endpoint.ENCODE
+
+
+# ---- control messages ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SetBitrate:
+    """`set_bitrate`: keep `num_codebooks` codebooks from the next frame on."""
+
+    num_codebooks: int
+
+
+@dataclass(frozen=True)
+class Flush:
+    """`flush`: pad to a whole frame and process everything received."""
+
+
+@dataclass(frozen=True)
+class End:
+    """`end`: flush, send `end`, close 1000."""
+
+
+@dataclass(frozen=True)
+class Ping:
+    """`ping`: answer `pong` at once; `id` is echoed (`has_id` False: no id given)."""
+
+    id: Any
+    has_id: bool
+
+
+@dataclass(frozen=True)
+class PacketMessage:
+    """A token packet in JSON form (decode with `tokens: json`)."""
+
+    packet: TokenPacket
+
+
+Control = SetBitrate | Flush | End | Ping | PacketMessage
+
+
+# ---- parsing helpers ----------------------------------------------------------------------
+
+
+def parse_text(text: str) -> dict[str, Any]:
+    """The JSON object of a text message; 1007 when it is not JSON or not an object."""
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise SessionError(CloseCode.INVALID_PAYLOAD, f"text message is not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise SessionError(
+            CloseCode.INVALID_PAYLOAD,
+            f"text message must be a JSON object, got {type(value).__name__}",
+        )
+    return value
+
+
+def _bad(reason: str) -> SessionError:
+    return SessionError(CloseCode.BAD_REQUEST, reason)
+
+
+def _get_int(obj: dict[str, Any], key: str, lo: int, hi: int) -> int:
+    value = obj[key]
+    if type(value) is not int:
+        raise _bad(f"{key} must be an integer, got {json.dumps(value)[:40]}")
+    if not lo <= value <= hi:
+        raise _bad(f"{key} must be in {lo}..{hi}, got {value}")
+    return value
+
+
+def _get_bool(obj: dict[str, Any], key: str) -> bool:
+    value = obj[key]
+    if type(value) is not bool:
+        raise _bad(f"{key} must be true or false, got {json.dumps(value)[:40]}")
+    return value
+
+
+def _get_choice(obj: dict[str, Any], key: str, choices: tuple[str, ...]) -> str:
+    value = obj[key]
+    if not isinstance(value, str) or value not in choices:
+        raise _bad(f"{key} must be one of {', '.join(choices)}, got {json.dumps(value)[:40]}")
+    return value
+
+
+def _codebooks(obj: dict[str, Any], card: ModelCard, default: int | None) -> int:
+    """`num_codebooks` or `bitrate_kbps` of `obj` (at most one), else `default`."""
+    has_n, has_kbps = "num_codebooks" in obj, "bitrate_kbps" in obj
+    if has_n and has_kbps:
+        raise _bad("give bitrate_kbps or num_codebooks, not both")
+    if has_n:
+        return _get_int(obj, "num_codebooks", 1, card.num_codebooks)
+    if has_kbps:
+        kbps = obj["bitrate_kbps"]
+        if isinstance(kbps, bool) or not isinstance(kbps, (int, float)) or not math.isfinite(kbps):
+            raise _bad(f"bitrate_kbps must be a number, got {json.dumps(kbps)[:40]}")
+        try:
+            return card.codebooks_for_bitrate(float(kbps))
+        except ValueError as exc:
+            raise _bad(f"bitrate_kbps: {exc}") from None
+    if default is None:
+        raise _bad("give bitrate_kbps or num_codebooks")
+    return default
+
+
+def default_codebooks(card: ModelCard) -> int:
+    """Codebooks of the default bitrate (6 kbps), or Q when even 1 codebook is above it."""
+    try:
+        return card.codebooks_for_bitrate(DEFAULT_BITRATE_KBPS)
+    except ValueError:
+        return card.num_codebooks
+
+
+# ---- hello --------------------------------------------------------------------------------
+
+_PCM_FIELDS: Final = ("sample_rate", "format")
+_BITRATE_FIELDS: Final = ("bitrate_kbps", "num_codebooks")
+_ALL_FIELDS: Final = frozenset(
+    {
+        "type",
+        "version",
+        "tokens",
+        "return_tokens",
+        "timestamps",
+        "stream_id",
+        "send",
+        "receive",
+        "name",
+        *_PCM_FIELDS,
+        *_BITRATE_FIELDS,
+    }
+)
+
+
+def _allowed_fields(endpoint: Endpoint, send: Media, receive: Media) -> set[str]:
+    fields = {"type", "version"}
+    if endpoint is Endpoint.ENCODE:
+        fields |= {*_PCM_FIELDS, *_BITRATE_FIELDS, "tokens", "timestamps", "stream_id"}
+    elif endpoint is Endpoint.DECODE:
+        fields |= {*_PCM_FIELDS, "tokens"}
+    elif endpoint is Endpoint.ROUNDTRIP:
+        fields |= {
+            *_PCM_FIELDS,
+            *_BITRATE_FIELDS,
+            "tokens",
+            "return_tokens",
+            "timestamps",
+            "stream_id",
+        }
+    else:
+        fields |= {"send", "receive", "name"}
+        if Media.PCM in (send, receive):
+            fields |= set(_PCM_FIELDS)
+        if send is Media.PCM:
+            fields |= {*_BITRATE_FIELDS, "timestamps"}
+    return fields
+
+
+def _check_head(obj: dict[str, Any]) -> None:
+    kind = obj.get("type")
+    if kind != "hello":
+        raise _bad(f"the first message must be a hello, got type {json.dumps(kind)[:40]}")
+    if "version" not in obj:
+        raise _bad("hello: required field version is missing")
+    version = obj["version"]
+    if type(version) is not int:
+        raise _bad(f"version must be an integer, got {json.dumps(version)[:40]}")
+    if version != PROTOCOL_VERSION:
+        raise SessionError(
+            CloseCode.UNSUPPORTED_VERSION,
+            f"protocol version {version} is not supported (this server speaks {PROTOCOL_VERSION})",
+        )
+
+
+def _room_media(obj: dict[str, Any]) -> tuple[Media, Media]:
+    choices = tuple(m.value for m in Media)
+    for key in ("send", "receive"):
+        if key not in obj:
+            raise _bad(f"hello: required field {key} is missing (rooms need send and receive)")
+    return Media(_get_choice(obj, "send", choices)), Media(_get_choice(obj, "receive", choices))
+
+
+def _pcm_format(obj: dict[str, Any], card: ModelCard) -> tuple[int, SampleFormat]:
+    rate = card.sample_rate
+    if "sample_rate" in obj:
+        value = obj["sample_rate"]
+        if type(value) is not int or value not in SUPPORTED_RATES:
+            raise SessionError(
+                CloseCode.UNSUPPORTED_FORMAT,
+                f"sample_rate {json.dumps(value)[:20]} is not supported (use "
+                f"{', '.join(map(str, SUPPORTED_RATES))})",
+            )
+        rate = value
+    fmt = SampleFormat.S16LE
+    if "format" in obj:
+        value = obj["format"]
+        formats = tuple(f.value for f in SampleFormat)
+        if not isinstance(value, str) or value not in formats:
+            raise SessionError(
+                CloseCode.UNSUPPORTED_FORMAT,
+                f"format {json.dumps(value)[:20]} is not supported (use {' or '.join(formats)})",
+            )
+        fmt = SampleFormat(value)
+    return rate, fmt
+
+
+def _tokens(obj: dict[str, Any], endpoint: Endpoint) -> TokenForm:
+    default = TokenForm.JSON if endpoint is Endpoint.ROUNDTRIP else TokenForm.BINARY
+    if "tokens" not in obj:
+        return default
+    form = TokenForm(_get_choice(obj, "tokens", tuple(t.value for t in TokenForm)))
+    if endpoint is Endpoint.ROUNDTRIP and form is not TokenForm.JSON:
+        raise _bad('roundtrip sends tokens as JSON text messages: tokens must be "json"')
+    return form
+
+
+def parse_hello(obj: dict[str, Any], endpoint: Endpoint, card: ModelCard) -> Hello:
+    """Validate the first message of a session on `endpoint` (docs/protocol.md, "Hello")."""
+    _check_head(obj)
+    unknown = sorted(set(obj) - _ALL_FIELDS)
+    if unknown:
+        raise _bad(f"hello: unknown field {unknown[0]!r}")
+    send = receive = Media.NONE
+    if endpoint is Endpoint.ROOM:
+        send, receive = _room_media(obj)
+    allowed = _allowed_fields(endpoint, send, receive)
+    misplaced = sorted(set(obj) - allowed)
+    if misplaced:
+        where = (
+            f"/v1/{endpoint.value}"
+            if endpoint is not Endpoint.ROOM
+            else (f"a room participant with send {send.value}, receive {receive.value}")
+        )
+        raise _bad(f"hello: field {misplaced[0]!r} is not valid for {where}")
+    rate, fmt = _pcm_format(obj, card)
+    produces = endpoint in (Endpoint.ENCODE, Endpoint.ROUNDTRIP) or send is Media.PCM
+    num_codebooks = (
+        _codebooks(obj, card, default_codebooks(card)) if produces else card.num_codebooks
+    )
+    name = obj.get("name", "")
+    if not isinstance(name, str) or len(name) > MAX_NAME_CHARS:
+        raise _bad(f"name must be a string of at most {MAX_NAME_CHARS} characters")
+    return Hello(
+        endpoint=endpoint,
+        sample_rate=rate,
+        fmt=fmt,
+        num_codebooks=num_codebooks,
+        tokens=_tokens(obj, endpoint),
+        return_tokens=_get_bool(obj, "return_tokens") if "return_tokens" in obj else False,
+        timestamps=_get_bool(obj, "timestamps") if "timestamps" in obj else False,
+        stream_id=_get_int(obj, "stream_id", 0, 0xFFFFFFFF) if "stream_id" in obj else None,
+        send=send,
+        receive=receive,
+        name=name,
+    )
+
+
+# ---- control messages ---------------------------------------------------------------------
+
+_CONTROL_FIELDS: Final[dict[str, frozenset[str]]] = {
+    "set_bitrate": frozenset({"type", *_BITRATE_FIELDS}),
+    "flush": frozenset({"type"}),
+    "end": frozenset({"type"}),
+    "ping": frozenset({"type", "id"}),
+    "packet": frozenset({"type", "packet"}),
+}
+
+
+def _control_allowed(kind: str, hello: Hello) -> bool:
+    endpoint = hello.endpoint
+    if kind == "set_bitrate":
+        return endpoint in (Endpoint.ENCODE, Endpoint.ROUNDTRIP) or hello.send is Media.PCM
+    if kind == "flush":
+        return endpoint is not Endpoint.ROOM
+    if kind == "packet":
+        return endpoint is Endpoint.DECODE and hello.tokens is TokenForm.JSON
+    return True
+
+
+def parse_control(obj: dict[str, Any], hello: Hello, card: ModelCard) -> Control:
+    """Validate a text message after the hello (docs/protocol.md, "Control messages")."""
+    kind = obj.get("type")
+    if kind == "hello":
+        raise _bad("hello already received")
+    if not isinstance(kind, str) or kind not in _CONTROL_FIELDS:
+        raise _bad(f"unknown message type {json.dumps(kind)[:40]}")
+    extra = sorted(set(obj) - _CONTROL_FIELDS[kind])
+    if extra:
+        raise _bad(f"{kind}: unknown field {extra[0]!r}")
+    if not _control_allowed(kind, hello):
+        where = (
+            "this room participant"
+            if hello.endpoint is Endpoint.ROOM
+            else (f"/v1/{hello.endpoint.value} with these hello options")
+        )
+        raise _bad(f"{kind} is not valid on {where}")
+    if kind == "set_bitrate":
+        return SetBitrate(_codebooks(obj, card, None))
+    if kind == "flush":
+        return Flush()
+    if kind == "end":
+        return End()
+    if kind == "ping":
+        return Ping(obj.get("id"), "id" in obj)
+    if "packet" not in obj:
+        raise _bad("packet: required field packet is missing")
+    try:
+        packet = packet_from_json(
+            obj["packet"],
+            code_bits=card.code_bits,
+            gain_bits=card.gain.bits,
+            max_codebooks=card.num_codebooks,
+        )
+    except ProtocolError as exc:
+        raise SessionError(CloseCode.MALFORMED_PACKET, str(exc)) from None
+    return PacketMessage(packet)

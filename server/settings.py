@@ -1,0 +1,346 @@
+"""Server settings: typed, from environment variables, overridable on the command line.
+
+Every setting is a field of the frozen dataclass `Settings` with its environment variable
+(`CODECSTREAM_*`) and command-line flag (`--*`).  Precedence: command line > environment >
+default.  `Settings.from_env()` reads the environment; `parse_settings(argv)` adds the command
+line (see `build_parser`); `Settings(...)` builds one directly (tests).
+
+API keys: `CODECSTREAM_API_KEYS="key1,key2:4"` (comma-separated; `:N` gives that key its own
+limit of N concurrent sessions, otherwise `max_sessions_per_key` applies) and/or
+`CODECSTREAM_API_KEYS_FILE` (one `key` or `key:N` per line, `#` comments).  No key configured
+means authentication is disabled (the server logs a warning at start).
+
+Durations are seconds (suffix `_s`) or milliseconds (suffix `_ms`); sizes are bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+__all__ = [
+    "ENV_PREFIX",
+    "Settings",
+    "SettingsError",
+    "build_parser",
+    "parse_api_keys",
+    "parse_settings",
+]
+
+ENV_PREFIX: Final = "CODECSTREAM_"
+
+
+class SettingsError(ValueError):
+    """A setting has an invalid value (names the variable or flag and the value)."""
+
+
+def _meta(env: str, help_text: str, parse: Callable[[str], Any] | None = None) -> dict[str, Any]:
+    return {"env": ENV_PREFIX + env, "help": help_text, "parse": parse}
+
+
+def _positive_float(raw: str) -> float:
+    value = float(raw)
+    if not value > 0:
+        raise ValueError(f"must be > 0, got {raw}")
+    return value
+
+
+def _non_negative_float(raw: str) -> float:
+    value = float(raw)
+    if not value >= 0:
+        raise ValueError(f"must be >= 0, got {raw}")
+    return value
+
+
+def _positive_int(raw: str) -> int:
+    value = int(raw)
+    if value < 1:
+        raise ValueError(f"must be >= 1, got {raw}")
+    return value
+
+
+def _port(raw: str) -> int:
+    value = int(raw)
+    if not 0 <= value <= 65535:
+        raise ValueError(f"must be in 0..65535, got {raw}")
+    return value
+
+
+def _csv(raw: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in raw.split(",") if part.strip())
+
+
+def _optional_path(raw: str) -> Path | None:
+    return Path(raw) if raw else None
+
+
+def parse_api_keys(text: str) -> dict[str, int | None]:
+    """Parse `key` / `key:limit` entries separated by commas or newlines (`#` comments).
+
+    Returns {key: per-key session limit or None (use the default)}.  ValueError on a key with
+    whitespace, a non-integer or < 1 limit, or a key listed twice.
+    """
+    keys: dict[str, int | None] = {}
+    for line in text.splitlines():
+        for entry in line.split("#", 1)[0].split(","):
+            entry = entry.strip()
+            if not entry:
+                continue
+            key, sep, limit_text = entry.rpartition(":")
+            limit: int | None = None
+            if not sep:
+                key = entry
+            else:
+                try:
+                    limit = int(limit_text)
+                except ValueError:
+                    raise ValueError(f"API key limit {limit_text!r} is not an integer") from None
+                if limit < 1:
+                    raise ValueError(f"API key limit must be >= 1, got {limit}")
+            if not key or any(c.isspace() for c in key):
+                raise ValueError("an API key is empty or contains whitespace")
+            if key in keys:
+                raise ValueError("an API key is listed twice")
+            keys[key] = limit
+    return keys
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything configurable about the server (defaults = `codec-server` with no options)."""
+
+    host: str = field(default="127.0.0.1", metadata=_meta("HOST", "address to bind"))
+    port: int = field(default=8000, metadata=_meta("PORT", "TCP port (0 = any free)", _port))
+    model_dir: Path | None = field(
+        default=None,
+        metadata=_meta("MODEL", "model directory (default: the bundled model)", _optional_path),
+    )
+    engine_threads: int = field(
+        default=1,
+        metadata=_meta(
+            "ENGINE_THREADS", "onnxruntime intra-op threads of the engine", _positive_int
+        ),
+    )
+    api_keys: tuple[str, ...] = field(
+        default=(),
+        metadata=_meta("API_KEYS", "API keys, 'key' or 'key:max_sessions', comma-separated", _csv),
+    )
+    api_keys_file: Path | None = field(
+        default=None,
+        metadata=_meta(
+            "API_KEYS_FILE", "file of API keys, one 'key[:max_sessions]' per line", _optional_path
+        ),
+    )
+    max_sessions: int = field(
+        default=256,
+        metadata=_meta(
+            "MAX_SESSIONS", "concurrent sessions (WebSocket + HTTP jobs)", _positive_int
+        ),
+    )
+    max_sessions_per_key: int = field(
+        default=16,
+        metadata=_meta(
+            "MAX_SESSIONS_PER_KEY", "concurrent sessions per API key (default limit)", _positive_int
+        ),
+    )
+    max_message_bytes: int = field(
+        default=1 << 20,
+        metadata=_meta(
+            "MAX_MESSAGE_BYTES", "largest WebSocket message accepted, bytes", _positive_int
+        ),
+    )
+    max_upload_bytes: int = field(
+        default=16 << 20,
+        metadata=_meta("MAX_UPLOAD_BYTES", "largest HTTP request body, bytes", _positive_int),
+    )
+    handshake_timeout_s: float = field(
+        default=10.0,
+        metadata=_meta("HANDSHAKE_TIMEOUT", "seconds from accept to hello", _positive_float),
+    )
+    idle_timeout_s: float = field(
+        default=30.0,
+        metadata=_meta(
+            "IDLE_TIMEOUT", "seconds without a client message (not rooms)", _positive_float
+        ),
+    )
+    send_timeout_s: float = field(
+        default=10.0,
+        metadata=_meta(
+            "SEND_TIMEOUT", "seconds one send may block (client not reading)", _positive_float
+        ),
+    )
+    keepalive_interval_s: float = field(
+        default=20.0,
+        metadata=_meta("KEEPALIVE_INTERVAL", "seconds between WebSocket pings", _positive_float),
+    )
+    keepalive_timeout_s: float = field(
+        default=20.0,
+        metadata=_meta("KEEPALIVE_TIMEOUT", "seconds to wait for a pong", _positive_float),
+    )
+    batch_window_ms: float = field(
+        default=2.0,
+        metadata=_meta(
+            "BATCH_WINDOW_MS",
+            "engine: least time between two ticks, ms, so frames due together share a step",
+            _non_negative_float,
+        ),
+    )
+    max_backlog_ms: float = field(
+        default=1000.0,
+        metadata=_meta(
+            "MAX_BACKLOG_MS", "input awaiting processing per session, ms of audio", _positive_float
+        ),
+    )
+    send_queue: int = field(
+        default=50,
+        metadata=_meta(
+            "SEND_QUEUE", "messages queued per room receiver (oldest dropped)", _positive_int
+        ),
+    )
+    room_max_participants: int = field(
+        default=16,
+        metadata=_meta("ROOM_MAX_PARTICIPANTS", "participants per room", _positive_int),
+    )
+    shutdown_timeout_s: float = field(
+        default=5.0,
+        metadata=_meta(
+            "SHUTDOWN_TIMEOUT", "seconds to close sessions on shutdown", _positive_float
+        ),
+    )
+    cors_origins: tuple[str, ...] = field(
+        default=(),
+        metadata=_meta(
+            "CORS_ORIGINS", "origins allowed by CORS, comma-separated (default: CORS off)", _csv
+        ),
+    )
+    log_level: str = field(
+        default="info", metadata=_meta("LOG_LEVEL", "debug, info, warning or error")
+    )
+
+    def __post_init__(self) -> None:
+        if self.log_level not in ("debug", "info", "warning", "error"):
+            raise SettingsError(
+                f"log_level must be debug/info/warning/error, got {self.log_level!r}"
+            )
+        if self.max_sessions_per_key > self.max_sessions:
+            object.__setattr__(self, "max_sessions_per_key", self.max_sessions)
+
+    # ---- construction ---------------------------------------------------------------------
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Settings from `environ` (default `os.environ`), then `overrides` (field=value)."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            raw = env.get(f.metadata["env"])
+            if raw is not None:
+                values[f.name] = _parse_field(f, raw, f.metadata["env"])
+        values.update(overrides)
+        return cls(**values)
+
+    # ---- API keys -------------------------------------------------------------------------
+
+    def key_limits(self) -> dict[str, int]:
+        """{API key: its concurrent session limit}; empty = authentication disabled.
+
+        Raises SettingsError when a key entry or the keys file is invalid.
+        """
+        raw: dict[str, int | None] = {}
+        try:
+            raw.update(parse_api_keys(",".join(self.api_keys)))
+            if self.api_keys_file is not None:
+                text = self.api_keys_file.read_text(encoding="utf-8")
+                for key, limit in parse_api_keys(text).items():
+                    if key in raw:
+                        raise ValueError("an API key is listed twice")
+                    raw[key] = limit
+        except OSError as exc:
+            raise SettingsError(f"cannot read the API keys file: {exc.strerror}") from None
+        except ValueError as exc:
+            raise SettingsError(f"invalid API keys: {exc}") from None
+        return {k: (self.max_sessions_per_key if v is None else v) for k, v in raw.items()}
+
+    @property
+    def auth_enabled(self) -> bool:
+        """True when at least one API key is configured."""
+        return bool(self.api_keys) or self.api_keys_file is not None
+
+
+def _parse_field(f: dataclasses.Field[Any], raw: str, where: str) -> Any:
+    parse: Callable[[str], Any] | None = f.metadata["parse"]
+    if parse is None:
+        return raw
+    try:
+        return parse(raw)
+    except ValueError as exc:
+        raise SettingsError(f"{where}: invalid value {raw!r} ({exc})") from None
+
+
+def _flag(name: str) -> str:
+    return "--" + name.removesuffix("_s").removesuffix("_dir").replace("_", "-")
+
+
+def build_parser(prog: str = "codec-server") -> argparse.ArgumentParser:
+    """Command line: one `--flag` per setting (see `Settings`), plus `--api-key` (repeatable)."""
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="codecstream server: speech to codec tokens and back over WebSocket, "
+        "voice-call rooms, metrics. Every option also reads an environment variable.",
+    )
+    for f in dataclasses.fields(Settings):
+        if f.name == "api_keys":
+            parser.add_argument(
+                "--api-key",
+                dest="api_keys",
+                action="append",
+                metavar="KEY[:N]",
+                help=f"API key, repeatable, or comma-separated (env {f.metadata['env']}); "
+                "':N' = that key's session limit",
+            )
+            continue
+        default = f.default
+        parser.add_argument(
+            _flag(f.name),
+            dest=f.name,
+            metavar=f.name.upper(),
+            help=f"{f.metadata['help']} (env {f.metadata['env']}, default {_show(default)})",
+        )
+    return parser
+
+
+def _show(value: object) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, tuple):
+        return ",".join(map(str, value)) or "none"
+    return str(value)
+
+
+def parse_settings(
+    argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
+) -> Settings:
+    """Settings from the environment overridden by the command line `argv`.
+
+    Exits through argparse (status 2) on an invalid flag value.
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    overrides: dict[str, Any] = {}
+    try:
+        for f in dataclasses.fields(Settings):
+            value = getattr(args, f.name)
+            if value is None:
+                continue
+            if f.name == "api_keys":
+                overrides[f.name] = tuple(k for item in value for k in _csv(item))
+            else:
+                overrides[f.name] = _parse_field(f, value, _flag(f.name))
+        return Settings.from_env(environ, **overrides)
+    except SettingsError as exc:
+        parser.error(str(exc))

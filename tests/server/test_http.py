@@ -1,0 +1,176 @@
+"""HTTP endpoints against a real server: health, models, metrics, file encode/decode."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import wave
+
+import httpx
+import numpy as np
+import pytest
+
+from server.wav import WavError, read_wav
+from streaming.protocol import read_bitstream
+from tests.server.conftest import ServerThread, connect, hello, receive_all, send_pcm
+
+
+def wav_bytes(pcm: np.ndarray, rate: int = 16000, channels: int = 1) -> bytes:
+    """A 16-bit WAV file of int16 `pcm` (duplicated to `channels`)."""
+    data = np.repeat(pcm[:, None], channels, axis=1) if channels > 1 else pcm
+    buffer = io.BytesIO()
+    with wave.open(buffer, "wb") as out:
+        out.setnchannels(channels)
+        out.setsampwidth(2)
+        out.setframerate(rate)
+        out.writeframes(np.ascontiguousarray(data, dtype="<i2").tobytes())
+    return buffer.getvalue()
+
+
+async def test_health_ready_models(server: ServerThread) -> None:
+    async with httpx.AsyncClient(base_url=server.http) as client:
+        assert (await client.get("/healthz")).json() == {"status": "ok"}
+        ready = await client.get("/readyz")
+        assert ready.status_code == 200 and ready.json()["model_id"] == "cs-mdct-random-tiny"
+        models = (await client.get("/v1/models")).json()["models"]
+    (model,) = models
+    assert model["num_codebooks"] == 12 and model["default_num_codebooks"] == 11
+    assert model["bitrates_kbps"]["1"] == 1.0 and model["card"]["frame_size"] == 320
+
+
+async def test_http_encode_decode_round_trip(server: ServerThread, clip: np.ndarray) -> None:
+    frames = math.ceil(len(clip) / 320)
+    async with httpx.AsyncClient(base_url=server.http, timeout=30) as client:
+        encoded = await client.post("/v1/encode?bitrate_kbps=1", content=wav_bytes(clip))
+        assert encoded.status_code == 200, encoded.text
+        assert encoded.headers["x-codecstream-frames"] == str(frames)
+        header, tokens = read_bitstream(encoded.content)
+        assert header.model_id == "cs-mdct-random-tiny" and header.num_frames == frames
+        assert all(t.num_codebooks == 1 for t in tokens)
+        # 1 codebook = 20 bits per frame: the file size is the bitrate
+        assert len(encoded.content) == 26 + len(header.model_id) + math.ceil(20 * frames / 8)
+        decoded = await client.post("/v1/decode", content=encoded.content)
+        assert decoded.status_code == 200 and decoded.headers["content-type"] == "audio/wav"
+        pcm, rate = read_wav(decoded.content)
+        assert rate == 16000 and len(pcm) == 320 * frames and np.all(np.isfinite(pcm))
+        up = await client.post("/v1/decode?sample_rate=48000", content=encoded.content)
+        pcm48, rate48 = read_wav(up.content)
+        assert rate48 == 48000 and 960 * frames <= len(pcm48) <= 960 * frames + 200
+
+
+async def test_http_encode_matches_websocket_encode(server: ServerThread, clip: np.ndarray) -> None:
+    part = clip[:8000]
+    async with httpx.AsyncClient(base_url=server.http, timeout=30) as client:
+        body = (await client.post("/v1/encode?num_codebooks=5", content=wav_bytes(part))).content
+    _, http_frames = read_bitstream(body)
+    async with connect(server.ws("/v1/encode")) as ws:
+        await hello(ws, num_codebooks=5, tokens="json")
+        await send_pcm(ws, part)
+        await ws.send(json.dumps({"type": "end"}))
+        got = await receive_all(ws)
+    ws_frames = [(m["packet"]["gain_index"], m["packet"]["codes"]) for m in got.of_type("packet")]
+    assert [(f.gain_index, list(f.codes)) for f in http_frames] == ws_frames
+
+
+async def test_stereo_and_8k_wav_are_accepted(server: ServerThread, clip: np.ndarray) -> None:
+    async with httpx.AsyncClient(base_url=server.http, timeout=30) as client:
+        stereo = await client.post("/v1/encode", content=wav_bytes(clip[:3200], channels=2))
+        assert stereo.status_code == 200 and stereo.headers["x-codecstream-frames"] == "10"
+        low = await client.post("/v1/encode", content=wav_bytes(clip[:1600], rate=8000))
+        # 1600 samples at 8 kHz = 200 ms = 10 frames, plus the resampler delay padding
+        assert low.status_code == 200 and int(low.headers["x-codecstream-frames"]) in (10, 11)
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "error"),
+    [
+        ("/v1/encode", b"", 400, "empty_body"),
+        ("/v1/encode", b"hello", 415, "bad_wav"),
+        ("/v1/encode?bitrate_kbps=0.2", b"x", 400, "bad_query"),
+        ("/v1/encode?num_codebooks=99", b"x", 400, "bad_query"),
+        ("/v1/encode?bitrate_kbps=3&num_codebooks=2", b"x", 400, "bad_query"),
+        ("/v1/encode?foo=1", b"x", 400, "bad_query"),
+        ("/v1/decode", b"CSTR\x02", 422, "unknown_version"),
+        ("/v1/decode", b"RIFF", 422, "bad_magic"),
+        ("/v1/decode?sample_rate=44100", b"x", 415, "unsupported_rate"),
+    ],
+)
+async def test_http_errors(
+    server: ServerThread, path: str, body: bytes, status: int, error: str
+) -> None:
+    async with httpx.AsyncClient(base_url=server.http) as client:
+        response = await client.post(path, content=body)
+    assert response.status_code == status
+    assert response.json()["error"] == error and response.json()["detail"]
+
+
+async def test_http_rejects_unsupported_rate_and_foreign_model(
+    server: ServerThread, clip: np.ndarray
+) -> None:
+    from streaming.protocol import BitstreamHeader, BitstreamWriter, TokenFrame
+
+    writer = BitstreamWriter(BitstreamHeader("other-model", 16000, 320, 10, 6, 12))
+    writer.add(TokenFrame(1, 3, (7,)))
+    async with httpx.AsyncClient(base_url=server.http) as client:
+        rate = await client.post("/v1/encode", content=wav_bytes(clip[:800], rate=44100))
+        foreign = await client.post("/v1/decode", content=writer.getvalue())
+    assert rate.status_code == 415 and "44100" in rate.json()["detail"]
+    assert foreign.status_code == 422 and foreign.json()["error"] == "model_mismatch"
+
+
+async def test_metrics_text(server: ServerThread, clip: np.ndarray) -> None:
+    async with connect(server.ws("/v1/roundtrip")) as ws:
+        await hello(ws)
+        await send_pcm(ws, clip[:3200])
+        await ws.send(json.dumps({"type": "end"}))
+        await receive_all(ws)
+    async with httpx.AsyncClient(base_url=server.http) as client:
+        response = await client.get("/metrics")
+    text = response.text
+    assert response.headers["content-type"].startswith("text/plain")
+    for needle in (
+        'codecstream_sessions_total{endpoint="roundtrip"}',
+        'codecstream_sessions_active{endpoint="roundtrip"} 0.0',
+        'codecstream_frames_encoded_total{endpoint="roundtrip"}',
+        'codecstream_frames_decoded_total{endpoint="roundtrip"}',
+        "codecstream_frame_compute_seconds_bucket",
+        "codecstream_frame_queue_seconds_bucket",
+        'codecstream_batch_size_count{direction="encode"}',
+        'codecstream_bytes_received_total{endpoint="roundtrip"}',
+        'codecstream_bytes_sent_total{endpoint="roundtrip"}',
+        "codecstream_rooms_active",
+        "codecstream_room_participants",
+        'codecstream_sessions_closed_total{code="1000",endpoint="roundtrip"}',
+        "codecstream_engine_alive 1.0",
+        'codecstream_model_info{model_id="cs-mdct-random-tiny",random_weights="true"} 1.0',
+    ):
+        assert needle in text, needle
+    encoded = [
+        float(line.split()[-1])
+        for line in text.splitlines()
+        if line.startswith('codecstream_frames_encoded_total{endpoint="roundtrip"}')
+    ]
+    assert encoded and encoded[0] >= 10
+
+
+def test_wav_reader_formats() -> None:
+    pcm = (np.sin(np.arange(400) / 5) * 20000).astype(np.int16)
+    samples, rate = read_wav(wav_bytes(pcm))
+    assert rate == 16000 and np.allclose(samples, pcm / 32768.0)
+    float_wav = _float_wav(pcm.astype(np.float32) / 32768.0, 24000)
+    samples, rate = read_wav(float_wav)
+    assert rate == 24000 and np.allclose(samples, pcm / 32768.0)
+    with pytest.raises(WavError) as info:
+        read_wav(b"RIFF\x00\x00\x00\x00WAVEdata\x00\x00\x00\x00")
+    assert info.value.status == 400
+
+
+def _float_wav(x: np.ndarray, rate: int) -> bytes:
+    import struct
+
+    data = x.astype("<f4").tobytes()
+    fmt = struct.pack("<HHIIHH", 3, 1, rate, rate * 4, 4, 32)
+    body = b"WAVE" + b"fmt " + struct.pack("<I", len(fmt)) + fmt
+    body += b"data" + struct.pack("<I", len(data)) + data
+    return b"RIFF" + struct.pack("<I", len(body)) + body

@@ -1,0 +1,223 @@
+"""Every bad input gets its documented close code (docs/protocol.md, "Close codes"), and a
+bad client never disturbs a concurrent good session."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import numpy as np
+import pytest
+
+from server.codes import CloseCode
+from streaming.protocol import TokenFrame, TokenPacket, encode_packet
+from tests.server.conftest import (
+    HELLO,
+    ServerThread,
+    close_code_of,
+    connect,
+    hello,
+    receive_all,
+    send_pcm,
+    start_server,
+)
+
+
+def hello_with(**fields: object) -> str:
+    return json.dumps({"type": "hello", "version": 1, **fields})
+
+
+GOOD_PACKET = encode_packet(
+    TokenPacket(1, 0, 0, TokenFrame(1, 33, (1023,))), code_bits=10, gain_bits=6
+)
+
+# (path, messages, close code, text the reason must contain)
+BAD_CASES: list[tuple[str, list[str | bytes], int, str]] = [
+    ("/v1/encode", ["{not json"], CloseCode.INVALID_PAYLOAD, "not JSON"),
+    ("/v1/encode", ["[1, 2]"], CloseCode.INVALID_PAYLOAD, "JSON object"),
+    ("/v1/encode", [json.dumps({"type": "flush"})], CloseCode.BAD_REQUEST, "hello"),
+    ("/v1/encode", [hello_with(version=2)], CloseCode.UNSUPPORTED_VERSION, "version 2"),
+    ("/v1/encode", [json.dumps({"type": "hello"})], CloseCode.BAD_REQUEST, "version"),
+    ("/v1/encode", [hello_with(version="1")], CloseCode.BAD_REQUEST, "version"),
+    ("/v1/encode", [hello_with(sample_rate=44100)], CloseCode.UNSUPPORTED_FORMAT, "44100"),
+    ("/v1/decode", [hello_with(format="s24le")], CloseCode.UNSUPPORTED_FORMAT, "s24le"),
+    ("/v1/encode", [hello_with(bitrate=6)], CloseCode.BAD_REQUEST, "'bitrate'"),
+    ("/v1/encode", [hello_with(return_tokens=True)], CloseCode.BAD_REQUEST, "return_tokens"),
+    ("/v1/decode", [hello_with(bitrate_kbps=3)], CloseCode.BAD_REQUEST, "bitrate_kbps"),
+    (
+        "/v1/encode",
+        [hello_with(bitrate_kbps=3, num_codebooks=2)],
+        CloseCode.BAD_REQUEST,
+        "not both",
+    ),
+    ("/v1/encode", [hello_with(bitrate_kbps=0.5)], CloseCode.BAD_REQUEST, "below"),
+    ("/v1/encode", [hello_with(num_codebooks=13)], CloseCode.BAD_REQUEST, "1..12"),
+    ("/v1/encode", [hello_with(num_codebooks=True)], CloseCode.BAD_REQUEST, "integer"),
+    ("/v1/roundtrip", [hello_with(tokens="binary")], CloseCode.BAD_REQUEST, "json"),
+    ("/v1/encode", [b"\x00\x01"], CloseCode.UNSUPPORTED_DATA, "before the hello"),
+    ("/v1/decode", [HELLO, b"\xc5\x01\x01"], CloseCode.MALFORMED_PACKET, "truncated"),
+    ("/v1/decode", [HELLO, b"\x00" * 17], CloseCode.MALFORMED_PACKET, "bad_magic"),
+    (
+        "/v1/decode",
+        [HELLO, b"\xc5\x02" + b"\x00" * 15],
+        CloseCode.MALFORMED_PACKET,
+        "unknown_version",
+    ),
+    ("/v1/decode", [HELLO, GOOD_PACKET + b"\x00"], CloseCode.MALFORMED_PACKET, "trailing_data"),
+    (
+        "/v1/decode",
+        [HELLO, b"\xc5\x01\x01\x00" + b"\x00" * 60],
+        CloseCode.MESSAGE_TOO_BIG,
+        "oversized",
+    ),
+    (
+        "/v1/decode",
+        [hello_with(tokens="json"), json.dumps({"type": "packet", "packet": {}})],
+        CloseCode.MALFORMED_PACKET,
+        "bad_field",
+    ),
+    (
+        "/v1/decode",
+        [HELLO, json.dumps({"type": "packet", "packet": {}})],
+        CloseCode.BAD_REQUEST,
+        "not valid",
+    ),
+    ("/v1/encode", [HELLO, b"\x00\x01\x02"], CloseCode.INVALID_PAYLOAD, "whole number"),
+    ("/v1/encode", [HELLO, "nope"], CloseCode.INVALID_PAYLOAD, "not JSON"),
+    ("/v1/encode", [HELLO, json.dumps({"type": "jump"})], CloseCode.BAD_REQUEST, "unknown"),
+    (
+        "/v1/encode",
+        [HELLO, json.dumps({"type": "flush", "now": 1})],
+        CloseCode.BAD_REQUEST,
+        "'now'",
+    ),
+    ("/v1/encode", [HELLO, HELLO], CloseCode.BAD_REQUEST, "already"),
+    (
+        "/v1/decode",
+        [HELLO, json.dumps({"type": "set_bitrate", "num_codebooks": 2})],
+        CloseCode.BAD_REQUEST,
+        "not valid",
+    ),
+    (
+        "/v1/encode",
+        [HELLO, json.dumps({"type": "set_bitrate", "bitrate_kbps": 0})],
+        CloseCode.BAD_REQUEST,
+        "below",
+    ),
+    (
+        "/v1/rooms/bad%20room",
+        [hello_with(send="none", receive="none")],
+        CloseCode.BAD_REQUEST,
+        "room_id",
+    ),
+    ("/v1/rooms/r1", [HELLO], CloseCode.BAD_REQUEST, "send"),
+    ("/v1/rooms/r1", [hello_with(send="video", receive="none")], CloseCode.BAD_REQUEST, "send"),
+    (
+        "/v1/rooms/r1",
+        [hello_with(send="tokens", receive="tokens", sample_rate=16000)],
+        CloseCode.BAD_REQUEST,
+        "sample_rate",
+    ),
+    (
+        "/v1/rooms/r1",
+        [hello_with(send="none", receive="tokens"), b"\x00\x00"],
+        CloseCode.UNSUPPORTED_DATA,
+        "none",
+    ),
+    (
+        "/v1/rooms/r1",
+        [hello_with(send="tokens", receive="none"), b"\xc5"],
+        CloseCode.MALFORMED_PACKET,
+        "truncated",
+    ),
+    (
+        "/v1/rooms/r1",
+        [hello_with(send="none", receive="none"), json.dumps({"type": "flush"})],
+        CloseCode.BAD_REQUEST,
+        "not valid",
+    ),
+]
+
+
+@pytest.mark.parametrize(("path", "messages", "code", "reason"), BAD_CASES)
+async def test_bad_input_gets_its_close_code(
+    server: ServerThread, path: str, messages: list[str | bytes], code: int, reason: str
+) -> None:
+    got_code, got_reason = await close_code_of(server.ws(path), *messages)
+    assert (got_code, reason in got_reason) == (code, True), got_reason
+    assert len(got_reason.encode()) <= 123
+
+
+async def test_message_over_the_limit_is_1009(server: ServerThread) -> None:
+    limit = server.settings.max_message_bytes
+    code, _ = await close_code_of(server.ws("/v1/encode"), HELLO, b"\x00" * (limit + 2))
+    assert code == CloseCode.MESSAGE_TOO_BIG
+
+
+async def test_handshake_and_idle_timeouts() -> None:
+    running = start_server(handshake_timeout_s=0.3, idle_timeout_s=0.4)
+    try:
+        code, reason = await close_code_of(running.ws("/v1/encode"))
+        assert code == CloseCode.TIMEOUT and "handshake" in reason
+        async with connect(running.ws("/v1/encode")) as ws:
+            await hello(ws)
+            got = await receive_all(ws, timeout=5)
+        assert got.code == CloseCode.TIMEOUT and "idle" in got.reason
+        # rooms have no idle timeout
+        async with connect(running.ws("/v1/rooms/quiet")) as ws:
+            await hello(ws, send="tokens", receive="tokens")
+            await asyncio.sleep(0.8)
+            await ws.send(json.dumps({"type": "ping", "id": 1}))
+            assert json.loads(await asyncio.wait_for(ws.recv(), 5))["type"] == "pong"
+    finally:
+        running.stop()
+
+
+async def test_bad_clients_do_not_disturb_a_good_session(
+    server: ServerThread, clip: np.ndarray
+) -> None:
+    async def good() -> bytes:
+        async with connect(server.ws("/v1/roundtrip")) as ws:
+            await hello(ws)
+            data = clip.astype("<i2").tobytes()
+            for i in range(0, len(data), 6400):  # 200 ms chunks, ~5x real time
+                await ws.send(data[i : i + 6400])
+                await asyncio.sleep(0.04)
+            await ws.send(json.dumps({"type": "end"}))
+            got = await receive_all(ws)
+        assert got.code == CloseCode.NORMAL
+        return b"".join(got.binary)
+
+    async def bad() -> list[int]:
+        codes = []
+        for path, messages, code, _ in BAD_CASES:
+            got, _ = await close_code_of(server.ws(path), *messages)
+            codes.append(got)
+            assert got == code
+        return codes
+
+    reference = await good()
+    concurrent, codes = await asyncio.gather(good(), bad())
+    assert concurrent == reference  # bit-identical output despite the bad clients
+    assert len(codes) == len(BAD_CASES)
+
+
+async def test_metrics_count_the_errors(server: ServerThread) -> None:
+    await close_code_of(server.ws("/v1/decode"), HELLO, b"\xc5\x01\x01")
+    import httpx
+
+    async with httpx.AsyncClient() as client:
+        text = (await client.get(server.http + "/metrics")).text
+    assert 'codecstream_protocol_errors_total{code="4422"}' in text
+    assert 'codecstream_packet_errors_total{error="truncated"}' in text
+    assert 'codecstream_sessions_closed_total{code="4422",endpoint="decode"}' in text
+
+
+async def test_pcm_after_end_is_ignored(server: ServerThread, clip: np.ndarray) -> None:
+    async with connect(server.ws("/v1/encode")) as ws:
+        await hello(ws)
+        await send_pcm(ws, clip[:640])
+        await ws.send(json.dumps({"type": "end"}))
+        await ws.send(b"\x00\x01\x02")  # would be 1007 before `end`
+        got = await receive_all(ws)
+    assert got.code == CloseCode.NORMAL and len(got.binary) == 2
