@@ -1,0 +1,169 @@
+"""`codec-client encode` / `decode` on files, locally through the streaming engine.
+
+Alignment is checked against an offline reference that drives the ONNX model directly
+(`CodecModel.encoder_step` / `decoder_step`, no streams, no framers): decode(encode(x)) must
+be that reference delayed back by the card's output delay, with exactly len(x) samples.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from client.__main__ import main
+from client.audiofile import resample
+from client.bitfile import SourceInfo, read_file_bytes
+from streaming.model import CodecModel
+from streaming.protocol import read_bitstream
+
+
+def offline_decode(model: CodecModel, x16: np.ndarray, codebooks: int) -> np.ndarray:
+    """Model-rate decode of `x16` (zero-padded to whole frames, one extra for the output
+    delay) by direct model steps, aligned (delay removed) and cut to len(x16)."""
+    card = model.card
+    n, d = card.frame_size, card.output_delay_samples
+    frames = math.ceil((len(x16) + d) / n)
+    x = np.zeros(frames * n, dtype=np.float32)
+    x[: len(x16)] = x16
+    enc, dec = model.new_encoder_state(), model.new_decoder_state()
+    codes = np.zeros((1, card.num_codebooks), dtype=np.int64)
+    gain = np.zeros(1, dtype=np.int64)
+    count = np.array([codebooks], dtype=np.int64)
+    pcm = np.zeros((1, n), dtype=np.float32)
+    out = []
+    for k in range(frames):
+        model.encoder_step(x[None, k * n : (k + 1) * n].copy(), enc.arrays, codes, gain, enc.spare)
+        enc.swap()
+        codes[0, codebooks:] = 0
+        model.decoder_step(codes, count, gain, dec.arrays, pcm, dec.spare)
+        dec.swap()
+        out.append(pcm[0].copy())
+    return np.concatenate(out)[d : d + len(x16)]
+
+
+def run(*argv: str | Path) -> int:
+    return main([str(a) for a in argv])
+
+
+@pytest.fixture
+def wav16(tmp_path: Path, speech: tuple[np.ndarray, int]) -> Path:
+    path = tmp_path / "in.wav"
+    x, rate = speech
+    sf.write(path, x[: int(2.5 * rate)], rate, subtype="FLOAT")
+    return path
+
+
+def test_round_trip_is_aligned_with_exact_length_and_size(
+    tmp_path: Path, wav16: Path, model: CodecModel
+) -> None:
+    x, rate = sf.read(wav16, dtype="float32")
+    csb, out = tmp_path / "a.csb", tmp_path / "a.wav"
+    assert run("encode", wav16, csb, "--kbps", "1", "-q") == 0
+    assert run("decode", csb, out, "--float", "-q") == 0
+
+    data = csb.read_bytes()
+    _, frames, source = read_file_bytes(data)
+    card = model.card
+    assert source == SourceInfo(rate, len(x))
+    assert len(frames) == math.ceil((len(x) + card.output_delay_samples) / card.frame_size)
+    assert {f.num_codebooks for f in frames} == {1}
+    # bitrate = file size: header + 20 bits per frame, nothing else (125 bytes/s at 1 kbps)
+    header_bytes = 26 + len(card.model_id) + 10
+    assert len(data) == header_bytes + math.ceil(20 * len(frames) / 8)
+    assert abs((len(data) - header_bytes) / (len(x) / rate) - 125) < 2
+
+    y, out_rate = sf.read(out, dtype="float32")
+    assert out_rate == rate and len(y) == len(x)
+    np.testing.assert_allclose(y, offline_decode(model, x, 1), atol=1e-6)
+
+
+def test_re_encoding_a_decoded_file_is_stable(tmp_path: Path, wav16: Path) -> None:
+    """The harness re-encodes decoded files: frame count and length must not drift."""
+    counts, lengths = [], []
+    src = wav16
+    for i in range(3):
+        csb, out = tmp_path / f"{i}.csb", tmp_path / f"{i}.wav"
+        assert run("encode", src, csb, "--kbps", "6", "-q") == 0
+        assert run("decode", csb, out, "-q") == 0
+        counts.append(read_bitstream(csb.read_bytes())[0].num_frames)
+        lengths.append(sf.info(out).frames)
+        src = out
+    assert len(set(counts)) == 1 and len(set(lengths)) == 1
+    assert lengths[0] == sf.info(wav16).frames
+
+
+@pytest.mark.parametrize("rate", [8000, 48000, 44100])
+def test_other_input_rates_round_trip_at_their_rate(
+    tmp_path: Path, speech: tuple[np.ndarray, int], model: CodecModel, rate: int
+) -> None:
+    x16, _ = speech
+    x = resample(x16[:32000], 16000, rate)
+    path, csb, out = tmp_path / "in.flac", tmp_path / "a.csb", tmp_path / "a.wav"
+    sf.write(path, x, rate, subtype="PCM_24")
+    x = sf.read(path, dtype="float32")[0]
+    assert run("encode", path, csb, "--codebooks", "5", "-q") == 0
+    assert run("decode", csb, out, "--float", "-q") == 0
+    y, out_rate = sf.read(out, dtype="float32")
+    assert out_rate == rate and len(y) == len(x)
+    ref16 = offline_decode(model, resample(x, rate, 16000), 5)
+    np.testing.assert_allclose(y, resample(ref16, 16000, rate, len(x)), atol=1e-5)
+
+
+def test_decode_rate_option_and_stereo_mixdown(
+    tmp_path: Path, speech: tuple[np.ndarray, int], model: CodecModel
+) -> None:
+    x, rate = speech
+    x = x[:16000]
+    stereo, mono = tmp_path / "st.wav", tmp_path / "mono.wav"
+    sf.write(stereo, np.stack([x, x], axis=1), rate, subtype="FLOAT")
+    sf.write(mono, x, rate, subtype="FLOAT")
+    assert run("encode", stereo, tmp_path / "st.csb", "-q") == 0
+    assert run("encode", mono, tmp_path / "mono.csb", "-q") == 0
+    assert (tmp_path / "st.csb").read_bytes() == (tmp_path / "mono.csb").read_bytes()
+    assert run("decode", tmp_path / "st.csb", tmp_path / "o48.wav", "--rate", "48000", "-q") == 0
+    assert sf.info(tmp_path / "o48.wav").samplerate == 48000
+    assert sf.info(tmp_path / "o48.wav").frames == 3 * len(x)
+
+
+def test_file_without_source_record_decodes_every_determined_sample(
+    tmp_path: Path, wav16: Path, model: CodecModel
+) -> None:
+    """A file from another writer (no source record): F * N - D samples at the model rate."""
+    csb = tmp_path / "a.csb"
+    assert run("encode", wav16, csb, "-q") == 0
+    header, frames, _ = read_file_bytes(csb.read_bytes())
+    from streaming.protocol import BitstreamWriter
+
+    writer = BitstreamWriter(header)
+    writer.add_frames(frames)
+    plain = tmp_path / "plain.csb"
+    plain.write_bytes(writer.finalize())
+    assert run("decode", plain, tmp_path / "p.wav", "-q") == 0
+    card = model.card
+    expected = len(frames) * card.frame_size - card.output_delay_samples
+    assert sf.info(tmp_path / "p.wav").frames == expected
+
+
+@pytest.mark.parametrize(
+    ("make", "command", "message"),
+    [
+        (lambda p: None, "encode", "no such file"),
+        (lambda p: p.write_text("hello"), "encode", "not a readable audio file"),
+        (lambda p: None, "decode", "no such file"),
+        (lambda p: p.write_bytes(b"RIFF0000WAVE"), "decode", "not a valid codecstream"),
+        (lambda p: p.write_bytes(b"CSTR\x01\x00\x00"), "decode", "truncated"),
+    ],
+)
+def test_bad_input_file_is_a_clear_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], make: object, command: str, message: str
+) -> None:
+    bad = tmp_path / "bad.input"
+    make(bad)  # type: ignore[operator]
+    assert run(command, bad, tmp_path / "out", "-q") == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"codec-client {command}: error: ") and message in err
+    assert len(err.splitlines()) == 1

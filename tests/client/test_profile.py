@@ -1,0 +1,61 @@
+"""`codec-client profile` against a real server: reports, stage budget, independent check."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from client.__main__ import main
+from client.profiler.stages import ROUNDTRIP_STAGES, STAGES
+from tests.client.conftest import ServerThread
+
+
+@pytest.mark.parametrize(
+    ("mode", "clients", "stages"), [("room", 2, STAGES), ("roundtrip", 1, ROUNDTRIP_STAGES)]
+)
+def test_profile_reports_a_stage_budget_that_adds_up(
+    tmp_path: Path,
+    server: ServerThread,
+    capsys: pytest.CaptureFixture[str],
+    mode: str,
+    clients: int,
+    stages: tuple[object, ...],
+) -> None:
+    out = tmp_path / "report"
+    argv = ["profile", "--server", server.url, "--mode", mode, "--clients", str(clients)]
+    assert main([*argv, "--seconds", "2", "--out", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "mouth-to-ear (signal)" in table
+
+    for name in (
+        "profile.json",
+        "report.html",
+        "stage_budget.png",
+        "stage_cdf.png",
+        "stage_box.png",
+    ):
+        assert (out / name).stat().st_size > 1000, name
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 3
+
+    profile = json.loads((out / "profile.json").read_text())
+    keys = [s["key"] for s in profile["stages"]]
+    assert keys == [s.key for s in stages]  # type: ignore[attr-defined]
+    assert all(s["count"] > 0 and s["p50"] is not None for s in profile["stages"])
+    e2e = profile["e2e"]
+    assert e2e["count"] >= clients * 50  # frames of ~2 s per receiver
+    # the stages add up to the measured mouth-to-ear delay of each frame ...
+    assert abs(profile["residual_ms"]["mean"]) < 1e-6
+    assert profile["stage_sum"]["p50"] == pytest.approx(e2e["p50"], abs=1e-6)
+    # ... and the timestamps agree with the delay of the played audio itself
+    signal = profile["signal"]
+    assert signal["windows"] >= 2
+    assert signal["correlation_median"] > 0.9
+    assert abs(signal["residual_ms"]["median"]) < 2.0
+    assert signal["delay_ms"]["p50"] == pytest.approx(e2e["p50"], abs=5.0)
+    # a local, unloaded path: mouth-to-ear within a sane budget, nothing lost
+    assert 25.0 < e2e["p50"] < 300.0
+    assert profile["frames"]["lost"] == 0
+    assert profile["clock_offset"]["seconds"] == 0.0

@@ -1,0 +1,103 @@
+"""encode / decode / stream through a real server (uvicorn on a loopback port)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from client.__main__ import main
+from client.bitfile import read_file_bytes
+from tests.client.conftest import ServerThread
+
+
+def run(*argv: str | Path) -> int:
+    return main([str(a) for a in argv])
+
+
+@pytest.fixture
+def wav(tmp_path: Path, speech: tuple[np.ndarray, int]) -> Path:
+    x, rate = speech
+    path = tmp_path / "in.wav"
+    sf.write(path, x[: 2 * rate], rate, subtype="FLOAT")
+    return path
+
+
+@pytest.mark.parametrize("transport", ["ws", "http"])
+def test_server_coding_equals_local_coding(
+    tmp_path: Path, wav: Path, server: ServerThread, transport: str
+) -> None:
+    local, remote = tmp_path / "l.csb", tmp_path / "r.csb"
+    assert run("encode", wav, local, "--kbps", "3", "-q") == 0
+    via = ("--server", server.url, "--transport", transport)
+    assert run("encode", wav, remote, "--kbps", "3", "-q", *via) == 0
+    assert remote.read_bytes() == local.read_bytes()  # same engine, same tokens, same file
+
+    assert run("decode", local, tmp_path / "l.wav", "--float", "-q") == 0
+    assert run("decode", local, tmp_path / "r.wav", "--float", "-q", *via) == 0
+    y_local, rate = sf.read(tmp_path / "l.wav", dtype="float32")
+    y_remote, rate_r = sf.read(tmp_path / "r.wav", dtype="float32")
+    assert rate == rate_r and len(y_local) == len(y_remote) == sf.info(wav).frames
+    tolerance = 0.0 if transport == "ws" else 1.0 / 32768  # HTTP answers 16-bit WAV
+    np.testing.assert_allclose(y_remote, y_local, atol=tolerance)
+
+
+def test_stream_prints_json_lines_and_saves_a_bitstream(
+    tmp_path: Path, wav: Path, server: ServerThread, capsys: pytest.CaptureFixture[str]
+) -> None:
+    saved = tmp_path / "tokens.csb"
+    args = ("stream", wav, "--server", server.url, "--kbps", "1", "--json", "--fast")
+    assert run(*args, "--save", saved) == 0
+    out, err = capsys.readouterr()
+    lines = [json.loads(line) for line in out.splitlines()]
+    frames = -(-sf.info(wav).frames // 320)
+    assert len(lines) == frames
+    assert [p["seq"] for p in lines] == list(range(frames))
+    assert all(p["num_codebooks"] == 1 and len(p["codes"]) == 1 for p in lines)
+    assert "token latency" in err
+    _, saved_frames, source = read_file_bytes(saved.read_bytes())
+    assert [f.codes for f in saved_frames] == [tuple(p["codes"]) for p in lines]
+    assert source is not None and source.samples == sf.info(wav).frames
+
+
+def test_real_time_stream_has_low_token_latency(
+    tmp_path: Path,
+    speech: tuple[np.ndarray, int],
+    server: ServerThread,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    x, rate = speech
+    path = tmp_path / "short.wav"
+    sf.write(path, x[: rate // 2], rate)
+    assert run("stream", path, "--server", server.url, "-q") == 0
+    summary = capsys.readouterr().err
+    p50 = float(summary.split("p50 ")[1].split(" ms")[0])
+    assert p50 < 100.0, summary
+
+
+def test_unreachable_server_is_a_clear_error(
+    tmp_path: Path, wav: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run("encode", wav, tmp_path / "x.csb", "--server", "http://127.0.0.1:9", "-q") == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(
+        "codec-client encode: error: cannot connect to ws://127.0.0.1:9/v1/encode"
+    )
+    assert len(err.splitlines()) == 1
+
+
+def test_server_refusal_quotes_the_close_code(
+    tmp_path: Path, wav: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    keyed = ServerThread(api_keys=("secret",)).start()
+    try:
+        code = run("encode", wav, tmp_path / "x.csb", "--server", keyed.url, "-q")
+        err = capsys.readouterr().err
+        assert code == 1 and "4401" in err
+        ok = run("encode", wav, tmp_path / "y.csb", "--server", keyed.url, "--api-key", "secret")
+        assert ok == 0
+    finally:
+        keyed.stop()
