@@ -120,7 +120,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 
     if not args.checkpoint and not args.random:
         raise SystemExit("codec-train export: give --checkpoint or --random")
-    quality = json.loads(args.quality.read_text()) if args.quality else None
+    quality = card_quality(json.loads(args.quality.read_text())) if args.quality else None
     card = export_model(args.out, checkpoint=args.checkpoint, model_id=args.model_id,
                         quality=quality, fp16=not args.fp32)
     if args.save_weights:
@@ -129,6 +129,27 @@ def cmd_export(args: argparse.Namespace) -> None:
         save_weights(args.checkpoint, args.save_weights, card["model_id"])
     print(json.dumps({k: card[k] for k in ("model_id", "latency_ms", "mflops_per_second")},
                      indent=2))
+
+
+def card_quality(report: dict) -> dict:
+    """The model card's quality entry: our rows of a benchmarks/bench_quality.py report (or a
+    plain dict, kept as it is)."""
+    if report.get("benchmark") != "quality":
+        return report
+    ours = {}
+    for row in report["results"]:
+        if row["codec"] != "ours":
+            continue
+        idem = row.get("idempotence") or {}
+        ours[row["label"]] = {
+            "num_codebooks": row["num_codebooks"],
+            "measured_kbps": round(row["mean"]["kbps"], 3),
+            "pesq_wb": round(row["mean"]["pesq_wb"], 3),
+            "stoi": round(row["mean"]["stoi"], 3),
+            "pesq_kept_after_passes": round(idem["kept_fraction"], 3) if idem else None,
+        }
+    return {"benchmark": "benchmarks/bench_quality.py", "date": report["date"],
+            "data": report["data"], "clips": len(report["clips"]), "ours": ours}
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:

@@ -14,12 +14,21 @@ shapes only ("The Equalizer", arXiv 2602.15491): input level changes only the ga
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
 
-from models.mdct import frame_spans, mdct_matrix, overlap_add
+from models.harmonic import (
+    F0_MAX,
+    F0_MIN,
+    PitchTracker,
+    harmonic_excitation,
+    normalize_log_f0,
+    voicing_target,
+)
+from models.mdct import mdct_matrix, overlap_add
 from models.quantizer import QuantizerOutput, ResidualVQ
 
 
@@ -50,14 +59,26 @@ class CodecConfig:
 
 
 @dataclass
+class PitchOutput:
+    """Decoder pitch predictions [B, T]: log2 f0 (Hz) and voicing logit."""
+
+    log_f0: torch.Tensor
+    voicing_logit: torch.Tensor
+
+
+@dataclass
 class CodecOutput:
-    """Full-sequence result. pcm: [B, T*N]; codes: [B, T, Q]; gain_index: [B, T]."""
+    """Full-sequence result. pcm: [B, T*N]; codes: [B, T, Q]; gain_index: [B, T];
+    pitch: the decoder's predictions; tracker_log_f0, periodicity [B, T]: the input's."""
 
     pcm: torch.Tensor
     codes: torch.Tensor
     gain_index: torch.Tensor
     latents: torch.Tensor
     quantizer: QuantizerOutput
+    pitch: PitchOutput
+    tracker_log_f0: torch.Tensor
+    periodicity: torch.Tensor
 
 
 class CausalConvNeXtBlock(nn.Module):
@@ -124,18 +145,20 @@ class FrameNetwork(nn.Module):
 
 
 class CausalCodec(nn.Module):
-    """The codec: shape-gain MDCT front end, causal encoder, RVQ, causal decoder."""
+    """The codec: shape-gain MDCT front end, causal encoder, RVQ, causal decoder with a
+    harmonic excitation path (see models/harmonic.py)."""
 
     def __init__(self, config: CodecConfig):
         super().__init__()
         self.config = config
         n = config.frame_size
         self.register_buffer("analysis", mdct_matrix(n, config.overlap), persistent=False)
-        self.encoder = FrameNetwork(2 * n, config.latent_dim, config, config.encoder_blocks)
+        self.tracker = PitchTracker(n, config.sample_rate)
+        self.encoder = FrameNetwork(2 * n + 2, config.latent_dim, config, config.encoder_blocks)
         self.quantizer = ResidualVQ(
             config.num_codebooks, config.codebook_size, config.latent_dim, config.quantizer_dropout
         )
-        self.decoder = FrameNetwork(config.latent_dim, n, config, config.decoder_blocks)
+        self.decoder = FrameNetwork(config.latent_dim, 2 * n + 2, config, config.decoder_blocks)
         nn.init.normal_(self.decoder.out.weight, std=1e-3)
         nn.init.zeros_(self.decoder.out.bias)
 
@@ -153,18 +176,25 @@ class CausalCodec(nn.Module):
         level_db = c.gain_min_db + c.gain_step_db * index.to(torch.float32)
         return torch.pow(10.0, level_db / 20.0)[..., None]
 
-    def features(self, shape: torch.Tensor) -> torch.Tensor:
-        """Encoder input from level-normalized MDCT shape [..., N] -> [..., 2N]."""
+    def features(self, shape: torch.Tensor, log_f0: torch.Tensor,
+                 periodicity: torch.Tensor) -> torch.Tensor:
+        """Encoder input from the level-normalized MDCT shape [..., N] and the tracker's
+        pitch [...] -> [..., 2N + 2]."""
         signed = torch.sign(shape) * torch.log1p(4.0 * shape.abs())
         log_power = torch.log(shape.pow(2) + self.config.feature_floor)
-        return torch.cat([signed, log_power], dim=-1)
+        pitch = torch.stack([normalize_log_f0(log_f0), periodicity], dim=-1)
+        return torch.cat([signed, log_power, pitch], dim=-1)
 
-    def analyse(self, spans: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Frame spans [..., N+L] -> (features [..., 2N], gain index [...], gain [..., 1])."""
-        coeffs = spans @ self.analysis.T
+    def analyse(self, windows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Frame windows [..., 2N] (previous + current frame) -> (features [..., 2N+2],
+        gain index [...], gain [..., 1], tracker log2 f0 [...], periodicity [...])."""
+        span = windows[..., windows.shape[-1] - self.config.frame_size - self.config.overlap :]
+        coeffs = span @ self.analysis.T
         index = self.gain_index(coeffs)
         gain = self.gain_value(index)
-        return self.features(coeffs / gain), index, gain
+        with torch.no_grad():
+            log_f0, periodicity = self.tracker(windows)
+        return self.features(coeffs / gain, log_f0, periodicity), index, gain, log_f0, periodicity
 
     def synthesise_spans(self, shape: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
         """Decoded shape [..., N] times gain [..., 1] -> synthesis spans [..., N+L].
@@ -176,54 +206,114 @@ class CausalCodec(nn.Module):
         unit = shape * torch.rsqrt(shape.pow(2).mean(-1, keepdim=True) + 1e-8)
         return (unit * gain) @ self.analysis
 
+    # -- shared cores (full sequence = chunk from the zero state) ------------------------------
+    def encoder_core(self, pcm: torch.Tensor, states: list[torch.Tensor]) -> tuple:
+        """PCM chunk [B, T*N] and encoder states -> (latents [B, T, D], gain index [B, T],
+        gain [B, T, 1], tracker log2 f0 [B, T], periodicity [B, T], next states)."""
+        n = self.config.frame_size
+        history, block_states = states[0], states[1:]
+        joined = torch.cat([history, pcm], dim=-1)
+        frames = pcm.shape[-1] // n
+        windows = joined[:, None, :] if frames == 1 else joined.unfold(-1, 2 * n, n)
+        feats, index, gain, log_f0, periodicity = self.analyse(windows)
+        latents, new_blocks = self.encoder.step(feats, block_states)
+        next_states = [joined[:, joined.shape[-1] - n :], *new_blocks]
+        return latents, index, gain, log_f0, periodicity, next_states
+
+    def decoder_core(self, quantized: torch.Tensor, gain: torch.Tensor,
+                     states: list[torch.Tensor], teacher: tuple[torch.Tensor, ...] | None = None,
+                     ) -> tuple[torch.Tensor, PitchOutput, list[torch.Tensor]]:
+        """Quantized latents [B, T, D], gain [B, T, 1] and decoder states (without the
+        synthesis tail) -> (synthesis spans [B, T, N+L], pitch predictions, next states).
+
+        ``teacher`` = (log2 f0 [B, T], voicing [B, T], use [B] bool): rows marked ``use`` excite
+        the harmonic path with the tracker's pitch instead of the predicted one (training).
+        """
+        n, overlap, rate = self.config.frame_size, self.config.overlap, self.config.sample_rate
+        prev_f0, prev_voicing, phase = states[0][:, 0], states[1][:, 0], states[2][:, 0]
+        exc_tail = states[3]
+        out, new_blocks = self.decoder.step(quantized, states[4:])
+        free, exc_gain = out[..., :n], out[..., n : 2 * n]
+        log_f0 = (7.3 + out[..., 2 * n]).clamp(math.log2(F0_MIN), math.log2(F0_MAX))
+        voicing_logit = out[..., 2 * n + 1]
+        f0 = torch.pow(2.0, log_f0.detach())
+        voicing = torch.sigmoid(voicing_logit.detach())
+        if teacher is not None:
+            use = teacher[2][:, None]
+            f0 = torch.where(use, torch.pow(2.0, teacher[0]), f0)
+            voicing = torch.where(use, teacher[1], voicing)
+        f0_start = torch.cat([prev_f0[:, None].clamp(min=F0_MIN), f0[:, :-1]], dim=1)
+        voicing_start = torch.cat([prev_voicing[:, None], voicing[:, :-1]], dim=1)
+        excitation, next_phase = harmonic_excitation(f0_start, f0, voicing_start, voicing, phase,
+                                                      n, rate)
+        joined = torch.cat([exc_tail, excitation], dim=-1)
+        frames = quantized.shape[1]
+        exc_spans = joined[:, None, :] if frames == 1 else joined.unfold(-1, n + overlap, n)
+        shape = free + exc_gain * (exc_spans @ self.analysis.T)
+        spans = self.synthesise_spans(shape, gain)
+        next_states = [f0[:, -1:], voicing[:, -1:], next_phase[:, None],
+                       joined[:, joined.shape[-1] - overlap :], *new_blocks]
+        return spans, PitchOutput(log_f0, voicing_logit), next_states
+
     # -- full sequence ----------------------------------------------------------------------
-    def encode_latents(self, pcm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """PCM [B, T*N] -> (latents [B, T, D], gain index [B, T], gain [B, T, 1])."""
-        spans = frame_spans(pcm, self.config.frame_size, self.config.overlap)
-        feats, index, gain = self.analyse(spans)
-        return self.encoder(feats), index, gain
+    def encode_latents(self, pcm: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """PCM [B, T*N] -> (latents [B, T, D], gain index [B, T], gain [B, T, 1],
+        tracker log2 f0 [B, T], periodicity [B, T])."""
+        states = self.initial_state("encoder", pcm.shape[0])
+        return self.encoder_core(pcm, states)[:5]
 
-    def decode_latents(self, quantized: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
-        """Quantized latents [B, T, D] and gain [B, T, 1] -> aligned PCM [B, T*N]."""
-        spans = self.synthesise_spans(self.decoder(quantized), gain)
-        return overlap_add(spans, self.config.frame_size, self.config.overlap)
+    def decode_latents(self, quantized: torch.Tensor, gain: torch.Tensor,
+                       teacher: tuple[torch.Tensor, ...] | None = None,
+                       ) -> tuple[torch.Tensor, PitchOutput]:
+        """Quantized latents [B, T, D] and gain [B, T, 1] -> (aligned PCM [B, T*N], pitch)."""
+        states = self.initial_state("decoder", quantized.shape[0])[1:]
+        spans, pitch, _ = self.decoder_core(quantized, gain, states, teacher)
+        return overlap_add(spans, self.config.frame_size, self.config.overlap), pitch
 
-    def forward(self, pcm: torch.Tensor, counts: torch.Tensor | None = None) -> CodecOutput:
+    def forward(self, pcm: torch.Tensor, counts: torch.Tensor | None = None,
+                teacher_prob: float = 0.0) -> CodecOutput:
         """Encode, quantize (``counts`` [B] codebooks per row; sampled in training), decode.
 
         pcm: [B, T*N] float in [-1, 1]. Output pcm is aligned with the input; its last L
-        samples are incomplete (they need the next frame's overlap).
+        samples are incomplete (they need the next frame's overlap). ``teacher_prob``: share
+        of rows whose harmonic path is driven by the tracker's pitch (training only).
         """
-        latents, index, gain = self.encode_latents(pcm)
+        latents, index, gain, log_f0, periodicity = self.encode_latents(pcm)
         quant = self.quantizer(latents, counts)
-        decoded = self.decode_latents(quant.quantized, gain)
-        return CodecOutput(decoded, quant.codes, index, latents, quant)
+        use = torch.rand(pcm.shape[0]) < teacher_prob
+        teacher = (log_f0, voicing_target(periodicity), use)
+        decoded, pitch = self.decode_latents(quant.quantized, gain, teacher)
+        return CodecOutput(decoded, quant.codes, index, latents, quant, pitch,
+                           log_f0, periodicity)
 
     @torch.no_grad()
     def encode(self, pcm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """PCM [B, T*N] -> (codes [B, T, Q], gain index [B, T])."""
-        latents, index, _ = self.encode_latents(pcm)
+        latents, index = self.encode_latents(pcm)[:2]
         return self.quantizer.encode(latents), index
 
     @torch.no_grad()
     def decode(self, codes: torch.Tensor, gain_index: torch.Tensor, count: int) -> torch.Tensor:
         """Codes [B, T, Q], gain index [B, T], ``count`` codebooks -> aligned PCM [B, T*N]."""
         counts = torch.full((codes.shape[0],), count, dtype=torch.long)
-        return self.decode_latents(
-            self.quantizer.decode(codes, counts), self.gain_value(gain_index)
-        )
+        quantized = self.quantizer.decode(codes, counts)
+        return self.decode_latents(quantized, self.gain_value(gain_index))[0]
 
     # -- streaming steps ----------------------------------------------------------------------
     def encoder_state_shapes(self) -> list[tuple[str, tuple[int, ...]]]:
         """Names and per-stream shapes of the encoder's state tensors."""
-        shapes = [("pcm_history", (self.config.overlap,))]
+        shapes: list[tuple[str, tuple[int, ...]]] = [("pcm_history", (self.config.frame_size,))]
         for i, shape in enumerate(self.encoder.state_shapes()):
             shapes.append((f"enc_block{i}", shape))
         return shapes
 
     def decoder_state_shapes(self) -> list[tuple[str, tuple[int, ...]]]:
         """Names and per-stream shapes of the decoder's state tensors."""
-        shapes = [("synthesis_tail", (self.config.overlap,))]
+        overlap = self.config.overlap
+        shapes: list[tuple[str, tuple[int, ...]]] = [
+            ("synthesis_tail", (overlap,)), ("pitch_hz", (1,)), ("voicing", (1,)),
+            ("phase", (1,)), ("excitation_tail", (overlap,)),
+        ]
         for i, shape in enumerate(self.decoder.state_shapes()):
             shapes.append((f"dec_block{i}", shape))
         return shapes
@@ -239,17 +329,11 @@ class CausalCodec(nn.Module):
 
         Also takes a chunk of T frames: pcm [B, T*N] -> (codes [B, T, Q], gain [B, T], ...).
         """
-        n, overlap = self.config.frame_size, self.config.overlap
-        history, block_states = states[0], states[1:]
-        joined = torch.cat([history, pcm], dim=-1)
-        single = pcm.shape[-1] == n  # the exported graph: one frame, no unfold
-        spans = joined[:, None, :] if single else joined.unfold(-1, n + overlap, n)
-        feats, index, _ = self.analyse(spans)  # spans: [B, T, N+L]
-        latent, new_blocks = self.encoder.step(feats, block_states)
-        codes = self.quantizer.encode(latent)
-        if single:
+        latents, index, _, _, _, next_states = self.encoder_core(pcm, states)
+        codes = self.quantizer.encode(latents)
+        if pcm.shape[-1] == self.config.frame_size:
             codes, index = codes[:, 0, :], index[:, 0]
-        return codes, index, [joined[:, joined.shape[-1] - overlap :], *new_blocks]
+        return codes, index, next_states
 
     def decoder_step(
         self,
@@ -266,17 +350,17 @@ class CausalCodec(nn.Module):
         single = codes.dim() == 2
         if single:
             codes, gain_index = codes[:, None, :], gain_index[:, None]
-        tail, block_states = states[0], states[1:]
+        tail = states[0]
         quantized = self.quantizer.decode(codes, num_codebooks)
-        shape, new_blocks = self.decoder.step(quantized, block_states)
-        spans = self.synthesise_spans(shape, self.gain_value(gain_index))  # [B, T, N+L]
+        spans, _, next_states = self.decoder_core(quantized, self.gain_value(gain_index),
+                                                  states[1:])
         n, overlap = self.config.frame_size, self.config.overlap
         pieces = []
         for index in range(spans.shape[1]):  # T is small (1 in the exported graph)
             span = spans[:, index]
             pieces += [span[:, :overlap] + tail, span[:, overlap:n]]
             tail = span[:, n:]
-        return torch.cat(pieces, dim=-1), [tail, *new_blocks]
+        return torch.cat(pieces, dim=-1), [tail, *next_states]
 
 
 def count_parameters(module: nn.Module) -> int:
@@ -284,13 +368,23 @@ def count_parameters(module: nn.Module) -> int:
 
 
 def macs_per_frame(config: CodecConfig) -> dict[str, int]:
-    """Multiply-accumulates per frame of the encoder and decoder steps (analytic count)."""
+    """Multiply-accumulates per frame of the encoder and decoder steps (analytic count).
+
+    Counted: MDCT/IMDCT matrices, linear layers, depthwise convs, the VQ search (encoder) and
+    lookups (decoder), the pitch tracker's correlations (encoder), and the harmonic
+    excitation (about 10 operations per sample) with its MDCT (decoder).
+    """
     n, lap, ch, d = config.frame_size, config.overlap, config.channels, config.latent_dim
     block = 2 * ch * ch * config.mlp_mult + ch * config.kernel
     mdct = n * (n + lap)
+    half = n // 2
+    lags = int(config.sample_rate / 2 / 50) - int(config.sample_rate / 2 / 400) + 1
+    tracker = 2 * lags * half
     vq = config.num_codebooks * config.codebook_size * d
-    encoder = mdct + 2 * n * ch + config.encoder_blocks * block + ch * d + vq
-    decoder = config.num_codebooks * d + d * ch + config.decoder_blocks * block + ch * n + mdct
+    encoder = mdct + tracker + (2 * n + 2) * ch + config.encoder_blocks * block + ch * d + vq
+    excitation = 10 * n + mdct
+    decoder = (config.num_codebooks * d + d * ch + config.decoder_blocks * block
+               + ch * (2 * n + 2) + n + excitation + mdct)
     return {"encoder": encoder, "decoder": decoder}
 
 

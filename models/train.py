@@ -20,13 +20,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from models.codec import CausalCodec, CodecConfig, count_parameters
+from models.codec import CausalCodec, CodecConfig, CodecOutput, count_parameters
 from models.data import Corpus
 from models.discriminator import (
     MultiResolutionMDCTDiscriminator,
     discriminator_loss,
     generator_losses,
 )
+from models.harmonic import voicing_target
 from models.losses import MultiResolutionSpectralLoss
 from models.mdct import frame_spans
 
@@ -45,7 +46,9 @@ class TrainConfig:
     weight_log_mag: float = 1.0
     weight_convergence: float = 1.0
     weight_commit: float = 0.25
-    weight_mdct: float = 0.0
+    weight_mdct: float = 0.2
+    weight_pitch: float = 1.0
+    teacher_pitch_prob: float = 0.5
     weight_adv: float = 0.0
     weight_feat: float = 2.0
     adv_batch: int = 8
@@ -69,10 +72,21 @@ def learning_rate(config: TrainConfig, step: int) -> float:
 def idempotence_loss(model: CausalCodec, decoded: torch.Tensor, quantized: torch.Tensor,
                      counts: torch.Tensor) -> torch.Tensor:
     """L_code: re-encoded latents [B,T,D] vs. the first pass's chosen code-vector sums."""
-    relatents, _, _ = model.encode_latents(decoded)
+    relatents = model.encode_latents(decoded)[0]
     frames = min(relatents.shape[1], quantized.shape[1]) - 1  # last frame is incomplete
     diff = relatents[:, :frames] - quantized[:, :frames].detach()
     return diff.pow(2).mean()
+
+
+def pitch_losses(out: CodecOutput) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L1 on log2 f0 over voiced frames, voicing BCE) of the decoder's pitch predictions
+    against the tracker's analysis of the input."""
+    voiced = voicing_target(out.periodicity)
+    error = (out.pitch.log_f0 - out.tracker_log_f0).abs()
+    pitch = (error * voiced).sum() / voiced.sum().clamp(min=1.0)
+    voicing = torch.nn.functional.binary_cross_entropy_with_logits(out.pitch.voicing_logit,
+                                                                   voiced)
+    return pitch, voicing
 
 
 def mdct_loss(model: CausalCodec, decoded: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -140,7 +154,7 @@ class Trainer:
     def train_step(self, batch: np.ndarray) -> dict[str, float]:
         config = self.config
         pcm = torch.from_numpy(batch)
-        out = self.model(pcm)
+        out = self.model(pcm, teacher_prob=config.teacher_pitch_prob)
         valid = pcm.shape[1] - config.codec.overlap  # last L samples are incomplete
         terms = self.loss(out.pcm[:, :valid], pcm[:, :valid])
         total = (config.weight_mel * terms["mel"] + config.weight_log_mag * terms["log_mag"]
@@ -149,6 +163,9 @@ class Trainer:
         if config.weight_mdct > 0:
             terms["mdct"] = mdct_loss(self.model, out.pcm, pcm)
             total = total + config.weight_mdct * terms["mdct"]
+        if config.weight_pitch > 0:
+            terms["pitch"], terms["voicing"] = pitch_losses(out)
+            total = total + config.weight_pitch * (terms["pitch"] + terms["voicing"])
         logs = {k: float(v.detach()) for k, v in terms.items()}
         logs["commit"] = float(out.quantizer.commitment.detach())
         if self.step >= config.idem_start and config.weight_idem > 0:
