@@ -53,9 +53,15 @@ class PitchTracker(torch.nn.Module):
         # a slight preference for short lags avoids picking the pitch's sub-multiples
         score = nccf * (1.0 - 0.15 * self.lags / self.max_lag)
         best = score.argmax(-1)
-        peak = nccf.gather(-1, best[..., None])[..., 0]
-        lag = self.lags[best]
-        log_f0 = torch.log2(self.rate / lag)
+        last = self.lags.shape[0] - 1
+        around = torch.stack([(best - 1).clamp(0, last), best, (best + 1).clamp(0, last)], -1)
+        left, peak, right = nccf.gather(-1, around).unbind(-1)
+        # parabolic interpolation of the peak: sub-sample lag, finer pitch at high f0
+        curvature = left - 2.0 * peak + right
+        shift = torch.where(curvature < -1e-6, 0.5 * (left - right) / curvature.clamp(max=-1e-6),
+                            torch.zeros_like(peak)).clamp(-0.5, 0.5)
+        lag = self.lags[best] + shift
+        log_f0 = torch.log2(self.rate / lag).clamp(math.log2(F0_MIN), math.log2(F0_MAX))
         return log_f0, peak.clamp(0.0, 1.0)
 
 
