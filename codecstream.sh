@@ -17,7 +17,7 @@ usage() {
 
 # Packages type-checked strictly (see [tool.mypy] in pyproject.toml); one without any .py file
 # yet is skipped, since mypy refuses an empty directory.
-MYPY_TARGETS=(streaming server)
+MYPY_TARGETS=(streaming server client)
 
 mypy_targets() {
   local dir

@@ -436,16 +436,17 @@ Pipeline: TypeAlias = Callable[[F32, int], tuple[bytes, F32]]
 
 
 def client_pipeline(model: Any) -> Pipeline:
-    """The CLI's own path: `client.files.encode_local` -> file bytes -> `read_file_bytes` ->
-    `decode_local` (ImportError when client.files is not there)."""
+    """The CLI's own path: `client.files.encode_local` -> file bytes -> `read_bitstream`
+    (frames and the source record) -> `decode_local` (ImportError when client.files is not
+    there)."""
     from client.audiofile import Audio
-    from client.bitfile import read_file_bytes
     from client.files import decode_local, encode_local
+    from streaming.protocol import read_bitstream
 
     def run(x: F32, num_codebooks: int) -> tuple[bytes, F32]:
         data, _ = encode_local(Audio(x, SR), model, num_codebooks, quiet=True)
-        _, frames, source = read_file_bytes(data)
-        out = decode_local(frames, source, model, SR, quiet=True)
+        header, frames = read_bitstream(data)
+        out = decode_local(frames, header.source, model, SR, quiet=True)
         return data, np.asarray(out.samples, dtype=np.float32)
 
     return run

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 from client.audiofile import Audio, read_audio, write_audio
-from client.bitfile import SourceInfo, pack_file
 from client.errors import EXIT_OK, ClientError
 from client.files import (
     CodecParams,
@@ -32,7 +31,7 @@ from client.remote import (
     params_from_ready,
 )
 from streaming.model import CodecModel
-from streaming.protocol import BitstreamHeader, TokenFrame
+from streaming.protocol import BitstreamHeader, SourceInfo, TokenFrame, write_bitstream
 
 __all__ = ["add_decode", "add_encode", "run_decode", "run_encode"]
 
@@ -134,7 +133,7 @@ async def _encode_via_server(
     prepared = prepare_input(audio, params)
     with progress_bar(prepared.frames, "encoding (server)", quiet=args.quiet) as bar:
         frames = await encode_remote(session, prepared, params, bar.update)
-    return pack_file(params.header, frames, prepared.source), len(frames)
+    return write_bitstream(params.header(prepared.source), frames), len(frames)
 
 
 def _encode_via_http(
@@ -143,7 +142,7 @@ def _encode_via_http(
     params = CodecParams.from_card(model.card)
     prepared = prepare_input(audio, params)
     frames = encode_http(args.server, prepared, params, codebooks, args.api_key)
-    return pack_file(params.header, frames, prepared.source), len(frames)
+    return write_bitstream(params.header(prepared.source), frames), len(frames)
 
 
 def _write_bytes(path: Path, data: bytes) -> None:
@@ -160,7 +159,8 @@ def run_decode(args: argparse.Namespace) -> int:
     """Decode args.input to args.output."""
     if args.rate is not None and args.rate <= 0:
         raise ClientError(f"--rate must be a positive number of Hz, got {args.rate}")
-    header, frames, source = read_bitstream_file(args.input)
+    header, frames = read_bitstream_file(args.input)
+    source = header.source
     model = load_model(args.model)
     if args.server and args.transport == "http":
         params = CodecParams.from_card(model.card)

@@ -20,14 +20,20 @@ from typing import Any, TextIO
 import numpy as np
 
 from client.audiofile import Audio, read_audio, resample
-from client.bitfile import SourceInfo, pack_file
 from client.errors import EXIT_OK, ClientError
 from client.files import codebooks_for, load_model
 from client.remote import params_from_ready
 from client.session import RESPONSE_TIMEOUT_S, Ready, Session
 from streaming.framing import SUPPORTED_RATES
 from streaming.model import CodecModel
-from streaming.protocol import ProtocolError, TokenPacket, decode_packet, packet_to_json
+from streaming.protocol import (
+    ProtocolError,
+    SourceInfo,
+    TokenPacket,
+    decode_packet,
+    packet_to_json,
+    write_bitstream,
+)
 
 __all__ = ["add_stream", "run_stream"]
 
@@ -168,7 +174,7 @@ def _save(
             path.write_text("".join(lines), encoding="utf-8")
         else:
             params = params_from_ready(Ready(ready), model.card)
-            path.write_bytes(pack_file(params.header, [p.frame for p in packets], source))
+            path.write_bytes(write_bitstream(params.header(source), [p.frame for p in packets]))
     except OSError as exc:
         raise ClientError(f"{path}: cannot write ({exc.strerror})") from None
 

@@ -31,12 +31,18 @@ import numpy as np
 import numpy.typing as npt
 
 from client.audiofile import Audio, resample, resampled_length
-from client.bitfile import SourceInfo, pack_file, read_file_bytes
 from client.errors import ClientError
 from client.progress import progress_bar
 from streaming.framing import SampleFormat
 from streaming.model import CodecModel, ModelCard, ModelError
-from streaming.protocol import BitstreamHeader, ProtocolError, TokenFrame
+from streaming.protocol import (
+    BitstreamHeader,
+    ProtocolError,
+    SourceInfo,
+    TokenFrame,
+    read_bitstream,
+    write_bitstream,
+)
 from streaming.stream import DecoderStream, EncoderStream
 
 __all__ = [
@@ -116,9 +122,9 @@ class CodecParams:
             card.num_codebooks,
         )
 
-    @property
-    def header(self) -> BitstreamHeader:
-        """File header fields (the writer fills in the frame count)."""
+    def header(self, source: SourceInfo | None = None) -> BitstreamHeader:
+        """File header fields, with the source record when given (the writer fills in the
+        frame count)."""
         return BitstreamHeader(
             self.model_id,
             self.sample_rate,
@@ -126,6 +132,7 @@ class CodecParams:
             self.code_bits,
             self.gain_bits,
             self.num_codebooks,
+            source=source,
         )
 
 
@@ -218,16 +225,16 @@ def frames_to_audio(
     return Audio(resample(aligned, card.sample_rate, out_rate, length), out_rate)
 
 
-def read_bitstream_file(path: Path) -> tuple[BitstreamHeader, list[TokenFrame], SourceInfo | None]:
-    """Read a bitstream file: a clear ClientError for a missing or malformed file."""
+def read_bitstream_file(path: Path) -> tuple[BitstreamHeader, list[TokenFrame]]:
+    """Read a bitstream file (its source record, if any, is `header.source`): a clear
+    ClientError for a missing or malformed file."""
     if not path.is_file():
         raise ClientError(f"{path}: no such file")
     data = path.read_bytes()
     try:
-        header, frames, source = read_file_bytes(data)
+        return read_bitstream(data)
     except ProtocolError as exc:
         raise ClientError(f"{path}: not a valid codecstream bitstream file ({exc})") from None
-    return header, frames, source
 
 
 def check_header(header: BitstreamHeader, card: CodecParams, where: str) -> None:
@@ -261,7 +268,7 @@ def encode_local(
     prepared = prepare_input(audio, params)
     with progress_bar(prepared.frames, "encoding", quiet=quiet) as bar:
         frames = encode_pcm_local(model, prepared.pcm, num_codebooks, bar.update)
-    return pack_file(params.header, frames, prepared.source), len(frames)
+    return write_bitstream(params.header(prepared.source), frames), len(frames)
 
 
 def decode_local(

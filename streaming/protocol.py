@@ -11,9 +11,10 @@ Three encodings of the same codec tokens, all versioned and big-endian (network 
   block of profiling timestamps (flag bit 0), then exactly one frame payload padded with zero
   bits to a whole byte.
 * **bitstream file**: a CRC-protected header (magic b"CSTR", model id, sample rate, frame
-  size, code/gain bits, codebooks Q, frame count), then all frame payloads as ONE continuous
-  bit stream without per-frame byte alignment, zero-padded to a byte at the very end; the file
-  size therefore measures the real bitrate.
+  size, code/gain bits, codebooks Q, frame count, then tag-length-value extension records:
+  tag 1 = `SourceInfo`, the rate and length of the original audio), then all frame payloads
+  as ONE continuous bit stream without per-frame byte alignment, zero-padded to a byte at the
+  very end; the file size therefore measures the real bitrate.
 
 There is also a JSON form of frames and packets for debugging and for consumers that do not
 want to parse bits.
@@ -34,7 +35,7 @@ import json
 import struct
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Final, TypeAlias
 
@@ -42,6 +43,7 @@ import numpy as np
 import numpy.typing as npt
 
 __all__ = [
+    "EXT_TAG_SOURCE",
     "FILE_FORMAT_VERSION",
     "FILE_HEADER_FIXED_SIZE",
     "FILE_MAGIC",
@@ -64,6 +66,7 @@ __all__ = [
     "FrameArrays",
     "PacketTimes",
     "ProtocolError",
+    "SourceInfo",
     "TokenFrame",
     "TokenPacket",
     "decode_file_header",
@@ -88,6 +91,7 @@ __all__ = [
     "ts_diff",
     "unpack_frame",
     "unpack_frame_stream",
+    "write_bitstream",
 ]
 
 Buffer: TypeAlias = bytes | bytearray | memoryview
@@ -132,6 +136,9 @@ MAX_FILE_HEADER_SIZE: Final = 1024
 MAX_MODEL_ID_BYTES: Final = 64
 """Largest model id, in bytes of UTF-8."""
 
+EXT_TAG_SOURCE: Final = 0x01
+"""Tag of the file header's *source* extension record (`SourceInfo`: u32 rate, u32 samples)."""
+
 UNKNOWN_FRAME_COUNT: Final = 0xFFFFFFFF
 """`num_frames` value of a streamed file whose length was not known when the header was written."""
 
@@ -152,6 +159,8 @@ _PACKET_HEADER = struct.Struct(">BBBBIHI")  # magic, version, type, flags, strea
 _PACKET_TIMES = struct.Struct(">III")  # client send, server receive, server send
 _FILE_FIXED = struct.Struct(">4sBBHIIHBBBB")
 _CRC = struct.Struct(">I")
+_EXT_HEAD = struct.Struct(">BB")  # extension record: tag, value length
+_SOURCE = struct.Struct(">II")  # source record value: sample rate, sample count
 assert _PACKET_HEADER.size == PACKET_HEADER_SIZE
 assert _PACKET_TIMES.size == PACKET_TIMES_SIZE
 assert _FILE_FIXED.size == FILE_HEADER_FIXED_SIZE
@@ -917,6 +926,25 @@ def decode_packet(
 
 
 @dataclass(frozen=True, slots=True)
+class SourceInfo:
+    """The original audio a bitstream file was encoded from (the *source* extension record).
+
+    `rate`: its sample rate in Hz (1..2**32-1); `samples`: its length in samples at that rate
+    (0..2**32-1).  Readers use it to restore the original rate and exact length; the frames
+    are read the same way with or without it.
+    """
+
+    rate: int
+    samples: int
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.rate <= _U32_MAX:
+            raise ValueError(f"source rate must be in 1..2**32-1 Hz, got {self.rate}")
+        if not 0 <= self.samples <= _U32_MAX:
+            raise ValueError(f"source samples must be in 0..2**32-1, got {self.samples}")
+
+
+@dataclass(frozen=True, slots=True)
 class BitstreamHeader:
     """Header of a bitstream file.
 
@@ -927,6 +955,8 @@ class BitstreamHeader:
     * `num_codebooks`: the model's Q (1..15); every frame has 1..Q codebooks.
     * `num_frames`: frames in the file, or None for a streamed file written before its
       length was known (stored as 0xFFFFFFFF).
+    * `source`: the original audio (`SourceInfo`, the tag-1 extension record), or None for a
+      file without the record.
     """
 
     model_id: str
@@ -936,6 +966,7 @@ class BitstreamHeader:
     gain_bits: int
     num_codebooks: int
     num_frames: int | None = None
+    source: SourceInfo | None = None
 
     def __post_init__(self) -> None:
         if len(self.model_id.encode("utf-8")) > MAX_MODEL_ID_BYTES:
@@ -959,10 +990,23 @@ class BitstreamHeader:
         return 1000.0 * self.frame_size / self.sample_rate
 
 
+def _encode_extension(header: BitstreamHeader) -> bytes:
+    """The extension area of `header`: its records in tag order (empty without any)."""
+    if header.source is None:
+        return b""
+    return _EXT_HEAD.pack(EXT_TAG_SOURCE, _SOURCE.size) + _SOURCE.pack(
+        header.source.rate, header.source.samples
+    )
+
+
 def encode_file_header(header: BitstreamHeader) -> bytes:
-    """File header bytes: 22 fixed bytes, the model id, CRC32 (26 + len(model_id) bytes)."""
+    """File header bytes: 22 fixed bytes, the model id, the extension records, CRC32.
+
+    26 + len(model_id) bytes, plus 10 with the source record (`header.source`).
+    """
     model_id = header.model_id.encode("utf-8")
-    length = FILE_HEADER_FIXED_SIZE + len(model_id) + _CRC.size
+    extension = _encode_extension(header)
+    length = FILE_HEADER_FIXED_SIZE + len(model_id) + len(extension) + _CRC.size
     body = (
         _FILE_FIXED.pack(
             FILE_MAGIC,
@@ -978,8 +1022,54 @@ def encode_file_header(header: BitstreamHeader) -> bytes:
             len(model_id),
         )
         + model_id
+        + extension
     )
     return body + _CRC.pack(zlib.crc32(body))
+
+
+def _decode_extension(data: Buffer, start: int, end: int) -> SourceInfo | None:
+    """Parse the extension records in `data[start:end]` (a header that passed its CRC).
+
+    Records are tag (u8), length (u8), value; unknown tags are skipped.  A record that does
+    not fit the area is `corrupt`; a source record of the wrong length, with rate 0, or
+    repeated is `bad_field`.
+    """
+    source: SourceInfo | None = None
+    pos = start
+    while pos < end:
+        if end - pos < _EXT_HEAD.size:
+            raise ProtocolError(
+                ErrorCode.CORRUPT,
+                f"extension record at byte {pos} has {end - pos} byte(s) before the CRC, "
+                f"needs at least {_EXT_HEAD.size} (tag, length)",
+                offset=pos,
+            )
+        tag, size = _EXT_HEAD.unpack_from(data, pos)
+        value = pos + _EXT_HEAD.size
+        if value + size > end:
+            raise ProtocolError(
+                ErrorCode.CORRUPT,
+                f"extension record (tag {tag}) at byte {pos} has a {size}-byte value, "
+                f"{end - value} byte(s) left before the CRC",
+                offset=pos + 1,
+            )
+        if tag == EXT_TAG_SOURCE:
+            if source is not None:
+                raise ProtocolError(ErrorCode.BAD_FIELD, "second source record (tag 1)", offset=pos)
+            if size != _SOURCE.size:
+                raise ProtocolError(
+                    ErrorCode.BAD_FIELD,
+                    f"source record (tag 1) with a {size}-byte value (must be {_SOURCE.size})",
+                    offset=pos + 1,
+                )
+            rate, samples = _SOURCE.unpack_from(data, value)
+            if rate == 0:
+                raise ProtocolError(
+                    ErrorCode.BAD_FIELD, "source record with sample rate 0", offset=value
+                )
+            source = SourceInfo(rate, samples)
+        pos = value + size
+    return source
 
 
 def decode_file_header(data: Buffer) -> tuple[BitstreamHeader, int]:
@@ -987,10 +1077,11 @@ def decode_file_header(data: Buffer) -> tuple[BitstreamHeader, int]:
 
     The frames start at the returned offset.  Checks, in this order: `bad_magic`,
     `unknown_version`, `truncated`, `oversized` (header length > 1024), `corrupt`
-    (inconsistent header length, CRC mismatch), then `bad_field` (reserved flags, model id
-    too long or not UTF-8, out-of-range rates, sizes, bit widths, Q).
-    Bytes between the model id and the CRC (an extension area later versions of the same
-    major format may fill) are covered by the CRC and skipped.
+    (inconsistent header length, CRC mismatch), `bad_field` (reserved flags, model id
+    too long or not UTF-8, out-of-range rates, sizes, bit widths, Q), then the extension
+    area between the model id and the CRC: tag-length-value records, unknown tags skipped,
+    `corrupt` for a record that overruns the area, `bad_field` for an invalid source record
+    (see `_decode_extension`).  The source record becomes `header.source`.
     """
     size = len(data)
     probe = bytes(data[:4])
@@ -1070,6 +1161,7 @@ def decode_file_header(data: Buffer) -> tuple[BitstreamHeader, int]:
         gbits,
         q,
         None if nframes == UNKNOWN_FRAME_COUNT else nframes,
+        _decode_extension(data, id_end, length - _CRC.size),
     )
     return header, length
 
@@ -1077,7 +1169,8 @@ def decode_file_header(data: Buffer) -> tuple[BitstreamHeader, int]:
 class BitstreamWriter:
     """Incremental writer of a bitstream file.
 
-    `header.num_frames` is ignored: the writer counts frames.  Two ways to get bytes:
+    `header.num_frames` is ignored: the writer counts frames; the other fields, `source`
+    included, go into the file header as they are.  Two ways to get bytes:
 
     * `getvalue()` / `finalize()`: the complete file of the frames added so far, with the
       exact frame count in its header (finalize also closes the writer).
@@ -1132,18 +1225,7 @@ class BitstreamWriter:
             self.add(frame)
 
     def _header_bytes(self, num_frames: int | None) -> bytes:
-        h = self._header
-        return encode_file_header(
-            BitstreamHeader(
-                h.model_id,
-                h.sample_rate,
-                h.frame_size,
-                h.code_bits,
-                h.gain_bits,
-                h.num_codebooks,
-                num_frames,
-            )
-        )
+        return encode_file_header(replace(self._header, num_frames=num_frames))
 
     def getvalue(self) -> bytes:
         """The complete file of all frames so far (exact count in the header)."""
@@ -1169,6 +1251,13 @@ class BitstreamWriter:
             body = self._bits.complete_bytes(self._drained)
         self._drained += len(body)
         return head + body
+
+
+def write_bitstream(header: BitstreamHeader, frames: Iterable[TokenFrame]) -> bytes:
+    """The complete bitstream file of `frames` (`BitstreamWriter(header)`, then `finalize`)."""
+    writer = BitstreamWriter(header)
+    writer.add_frames(frames)
+    return writer.finalize()
 
 
 def read_bitstream_arrays(

@@ -11,11 +11,13 @@ import pickle
 import random
 import struct
 import zlib
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
 from streaming.protocol import (
+    EXT_TAG_SOURCE,
     FILE_FORMAT_VERSION,
     PROTOCOL_VERSION,
     UNKNOWN_FRAME_COUNT,
@@ -27,6 +29,7 @@ from streaming.protocol import (
     FrameArrays,
     PacketTimes,
     ProtocolError,
+    SourceInfo,
     TokenFrame,
     TokenPacket,
     decode_file_header,
@@ -51,6 +54,7 @@ from streaming.protocol import (
     ts_diff,
     unpack_frame,
     unpack_frame_stream,
+    write_bitstream,
 )
 
 CODE_BITS, GAIN_BITS, Q = 10, 6, 12
@@ -103,6 +107,31 @@ STREAMED_FILE_BYTES = bytes.fromhex(
     "ff ff ff ff"  # frame count unknown
     "01 40 0a 06 0c 07 63 73 2d 74 65 73 74"
     "50 8c 17 54"
+    "18 7f f2 00 00 01 40"
+)
+
+# the same file with the source extension record (tag 1): the original audio was 2.5 s at
+# 44.1 kHz; byte for byte what `codec-client encode` has always written
+SOURCE = SourceInfo(rate=44100, samples=110250)
+SOURCE_FILE_HEADER = BitstreamHeader(
+    "cs-test", 16000, 320, CODE_BITS, GAIN_BITS, Q, num_frames=2, source=SOURCE
+)
+SOURCE_FILE_BYTES = bytes.fromhex(
+    "43 53 54 52 01 00"
+    "00 2b"  # header length 43 = 33 + a 10-byte extension area
+    "00 00 3e 80 00 00 00 02 01 40 0a 06 0c 07 63 73 2d 74 65 73 74"
+    "01 08"  # extension record: tag 1 (source), value of 8 bytes
+    "00 00 ac 44"  # source sample rate 44100
+    "00 01 ae aa"  # source samples 110250
+    "cb 08 17 40"  # CRC32 of bytes 0..38
+    "18 7f f2 00 00 01 40"
+)
+STREAMED_SOURCE_FILE_BYTES = bytes.fromhex(
+    "43 53 54 52 01 00 00 2b 00 00 3e 80"
+    "ff ff ff ff"
+    "01 40 0a 06 0c 07 63 73 2d 74 65 73 74"
+    "01 08 00 00 ac 44 00 01 ae aa"
+    "f7 b6 76 03"
     "18 7f f2 00 00 01 40"
 )
 
@@ -213,6 +242,83 @@ def test_file_vector_writes_and_reads_exactly() -> None:
     header, frames = read_bitstream(FILE_BYTES)
     assert header == FILE_HEADER
     assert frames == FILE_FRAMES
+
+
+def test_file_vector_with_source_record() -> None:
+    assert write_bitstream(SOURCE_FILE_HEADER, FILE_FRAMES) == SOURCE_FILE_BYTES
+    assert SOURCE_FILE_BYTES[39:43] == struct.pack(">I", zlib.crc32(SOURCE_FILE_BYTES[:39]))
+    # the record sits between the model id and the CRC: the rest is the plain file's
+    assert SOURCE_FILE_BYTES[8:29] == FILE_BYTES[8:29]
+    assert SOURCE_FILE_BYTES[43:] == FILE_BYTES[33:]
+    assert SOURCE_FILE_BYTES[29] == EXT_TAG_SOURCE
+    header, frames = read_bitstream(SOURCE_FILE_BYTES)
+    assert header == SOURCE_FILE_HEADER and header.source == SOURCE
+    assert frames == FILE_FRAMES
+    assert decode_file_header(SOURCE_FILE_BYTES) == (SOURCE_FILE_HEADER, 43)
+    # streamed: the header (record included) goes out with the first drain
+    writer = BitstreamWriter(SOURCE_FILE_HEADER)
+    chunks = [writer.drain()]
+    writer.add_frames(FILE_FRAMES)
+    chunks.append(writer.drain(final=True))
+    assert len(chunks[0]) == 43
+    assert b"".join(chunks) == STREAMED_SOURCE_FILE_BYTES
+    header, frames = read_bitstream(STREAMED_SOURCE_FILE_BYTES)
+    assert header.source == SOURCE and header.num_frames is None and frames == FILE_FRAMES
+    for cut in range(len(SOURCE_FILE_BYTES)):
+        _expect(ErrorCode.TRUNCATED, read_bitstream, SOURCE_FILE_BYTES[:cut])
+
+
+def test_source_info_range() -> None:
+    SourceInfo(1, 0)
+    SourceInfo(0xFFFFFFFF, 0xFFFFFFFF)
+    for rate, samples in [(0, 10), (1 << 32, 10), (16000, -1), (16000, 1 << 32)]:
+        with pytest.raises(ValueError, match="source"):
+            SourceInfo(rate, samples)
+
+
+def _extended(extension: bytes) -> bytes:
+    """FILE_BYTES with `extension` as its header's extension area (CRC recomputed)."""
+    body = _header_body(length=33 + len(extension)) + extension
+    return _with_crc(body) + FILE_BYTES[33:]
+
+
+SOURCE_RECORD = SOURCE_FILE_BYTES[29:39]
+
+
+def test_extension_records_unknown_tags_are_skipped() -> None:
+    unknown = bytes.fromhex("7f 03 61 62 63")  # tag 127, 3 bytes
+    empty = bytes.fromhex("00 00")  # tag 0, no value
+    for area, source in [
+        (unknown, None),
+        (empty + empty, None),
+        (unknown + SOURCE_RECORD, SOURCE),
+        (SOURCE_RECORD + unknown, SOURCE),
+        (unknown + SOURCE_RECORD + empty, SOURCE),
+        (bytes([0xEE, 255]) + bytes(255), None),  # the longest record value
+    ]:
+        header, frames = read_bitstream(_extended(area))
+        assert header == replace(FILE_HEADER, source=source)
+        assert frames == FILE_FRAMES
+        assert decode_file_header(_extended(area))[1] == 33 + len(area)
+
+
+@pytest.mark.parametrize(
+    ("area", "code", "offset"),
+    [
+        (b"\x7f", ErrorCode.CORRUPT, 29),  # 1 byte: no room for tag + length
+        (bytes.fromhex("7f 04 61 62 63"), ErrorCode.CORRUPT, 30),  # value overruns the area
+        (SOURCE_RECORD[:-1], ErrorCode.CORRUPT, 30),  # source record cut short
+        (SOURCE_RECORD + b"\x7f", ErrorCode.CORRUPT, 39),  # stray byte after a record
+        (b"ext", ErrorCode.CORRUPT, 30),  # not records at all ('e', length 120)
+        (bytes.fromhex("01 04 00 00 3e 80"), ErrorCode.BAD_FIELD, 30),  # source of 4 bytes
+        (bytes.fromhex("01 09") + SOURCE_RECORD[2:] + b"\x00", ErrorCode.BAD_FIELD, 30),
+        (bytes.fromhex("01 08 00 00 00 00 00 00 00 10"), ErrorCode.BAD_FIELD, 31),  # rate 0
+        (SOURCE_RECORD + SOURCE_RECORD, ErrorCode.BAD_FIELD, 39),  # two source records
+    ],
+)
+def test_extension_area_errors(area: bytes, code: ErrorCode, offset: int) -> None:
+    error = _expect(code, read_bitstream, _extended(area))
+    assert error.offset == offset, str(error)
 
 
 def test_streamed_file_vector() -> None:
@@ -508,8 +614,9 @@ def test_file_header_lengths() -> None:
     _expect(ErrorCode.CORRUPT, decode_file_header, _with_crc(_header_body(length=32)))
     _expect(ErrorCode.OVERSIZED, read_bitstream, FILE_BYTES, max_bytes=39)
     assert read_bitstream(FILE_BYTES, max_bytes=40)[1] == FILE_FRAMES
-    # an extension area between model id and CRC (covered by the CRC) is skipped
-    body = _header_body(length=26 + 7 + 3) + b"ext"
+    # an extension area between model id and CRC (covered by the CRC) holds records; an
+    # unknown one (tag 0xEE, 1 byte) is skipped
+    body = _header_body(length=26 + 7 + 3) + b"\xee\x01x"
     extended = _with_crc(body) + FILE_BYTES[33:]
     header, frames = read_bitstream(extended)
     assert header == FILE_HEADER and frames == FILE_FRAMES
@@ -561,6 +668,8 @@ def test_header_encode_decode_round_trip() -> None:
         FILE_HEADER,
         BitstreamHeader("", 8000, 160, 1, 1, 1, None),
         BitstreamHeader("ü" * 32, 48000, 960, 16, 16, 15, UNKNOWN_FRAME_COUNT - 1),
+        SOURCE_FILE_HEADER,
+        BitstreamHeader("m" * 64, 8000, 160, 1, 1, 1, None, SourceInfo(0xFFFFFFFF, 0)),
     ]:
         data = encode_file_header(header)
         assert decode_file_header(data) == (header, len(data))

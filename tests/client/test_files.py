@@ -8,6 +8,7 @@ be that reference delayed back by the card's output delay, with exactly len(x) s
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -16,9 +17,8 @@ import soundfile as sf
 
 from client.__main__ import main
 from client.audiofile import resample
-from client.bitfile import SourceInfo, read_file_bytes
 from streaming.model import CodecModel
-from streaming.protocol import read_bitstream
+from streaming.protocol import BitstreamWriter, SourceInfo, read_bitstream
 
 
 def offline_decode(model: CodecModel, x16: np.ndarray, codebooks: int) -> np.ndarray:
@@ -66,9 +66,9 @@ def test_round_trip_is_aligned_with_exact_length_and_size(
     assert run("decode", csb, out, "--float", "-q") == 0
 
     data = csb.read_bytes()
-    _, frames, source = read_file_bytes(data)
+    header, frames = read_bitstream(data)
     card = model.card
-    assert source == SourceInfo(rate, len(x))
+    assert header.source == SourceInfo(rate, len(x))
     assert len(frames) == math.ceil((len(x) + card.output_delay_samples) / card.frame_size)
     assert {f.num_codebooks for f in frames} == {1}
     # bitrate = file size: header + 20 bits per frame, nothing else (125 bytes/s at 1 kbps)
@@ -135,10 +135,9 @@ def test_file_without_source_record_decodes_every_determined_sample(
     """A file from another writer (no source record): F * N - D samples at the model rate."""
     csb = tmp_path / "a.csb"
     assert run("encode", wav16, csb, "-q") == 0
-    header, frames, _ = read_file_bytes(csb.read_bytes())
-    from streaming.protocol import BitstreamWriter
-
-    writer = BitstreamWriter(header)
+    header, frames = read_bitstream(csb.read_bytes())
+    assert header.source is not None
+    writer = BitstreamWriter(replace(header, source=None))
     writer.add_frames(frames)
     plain = tmp_path / "plain.csb"
     plain.write_bytes(writer.finalize())

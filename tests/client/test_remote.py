@@ -10,7 +10,7 @@ import pytest
 import soundfile as sf
 
 from client.__main__ import main
-from client.bitfile import read_file_bytes
+from streaming.protocol import read_bitstream
 from tests.client.conftest import ServerThread
 
 
@@ -58,7 +58,8 @@ def test_stream_prints_json_lines_and_saves_a_bitstream(
     assert [p["seq"] for p in lines] == list(range(frames))
     assert all(p["num_codebooks"] == 1 and len(p["codes"]) == 1 for p in lines)
     assert "token latency" in err
-    _, saved_frames, source = read_file_bytes(saved.read_bytes())
+    header, saved_frames = read_bitstream(saved.read_bytes())
+    source = header.source
     assert [f.codes for f in saved_frames] == [tuple(p["codes"]) for p in lines]
     assert source is not None and source.samples == sf.info(wav).frames
 
