@@ -1,4 +1,8 @@
-"""BatchEngine (streaming/batch.py): one ONNX call for many streams == each stream alone."""
+"""BatchEngine (streaming/batch.py): one ONNX call for many streams == each stream alone.
+
+Tokens must be identical. PCM and float states are compared to float32 rounding: onnxruntime
+may pick a different matrix-multiply kernel for a batch of B rows than for one row, which can
+change the last bit of a sum."""
 
 from __future__ import annotations
 
@@ -59,7 +63,12 @@ def test_batched_encoding_equals_unbatched(model: CodecModel) -> None:
     for a, b in zip(alone, batched, strict=True):
         assert a.frames_encoded == b.frames_encoded
         for x, y in zip(a.state.arrays, b.state.arrays, strict=True):
-            np.testing.assert_array_equal(x, y)
+            assert_same_floats(x, y)
+
+
+def assert_same_floats(x: np.ndarray, y: np.ndarray) -> None:
+    """Equal up to float32 rounding of differently ordered sums."""
+    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
 
 
 def test_encode_step_returns_none_for_streams_with_nothing_due(model: CodecModel) -> None:
@@ -127,9 +136,9 @@ def test_batched_decoding_equals_unbatched(model: CodecModel) -> None:
     assert engine.decode_batches < consumed
     for a, b in zip(alone, batched, strict=True):
         assert a.frames_decoded == b.frames_decoded
-        np.testing.assert_array_equal(b.pull(), a.pull())
+        assert_same_floats(b.pull(), a.pull())
         for x, y in zip(a.state.arrays, b.state.arrays, strict=True):
-            np.testing.assert_array_equal(x, y)
+            assert_same_floats(x, y)
 
 
 def test_streams_can_move_between_alone_and_batched_steps(model: CodecModel) -> None:

@@ -18,6 +18,8 @@ import pytest
 
 from streaming.model import CodecModel, ModelCard, ModelError, default_model_dir
 
+BUNDLED_ID = ModelCard.from_file(default_model_dir() / "card.json").model_id
+
 DEFAULT = default_model_dir()
 
 
@@ -166,7 +168,7 @@ def fewer_codebooks(card: dict[str, Any]) -> None:
         (fewer_codebooks, "encoder.onnx: output 'codes' has shape"),
         (set_("encoder.states.1.shape", [64, 5]), "encoder.onnx: input 'in_enc_block0' has shape"),
         (set_("decoder.states.0.name", "tail"), "missing ['in_tail']"),
-        (set_("model_id", "someone-else"), "names model 'cs-mdct-random-tiny' but card.json is"),
+        (set_("model_id", "someone-else"), f"names model '{BUNDLED_ID}' but card.json is"),
         (set_("output_delay_samples", 96), "card.json field 'output_delay_samples' is 96 but"),
         (set_("decoder.file", "missing.onnx"), "missing.onnx is missing"),
     ],

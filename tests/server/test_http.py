@@ -12,8 +12,11 @@ import numpy as np
 import pytest
 
 from server.wav import WavError, read_wav
+from streaming.model import ModelCard, default_model_dir
 from streaming.protocol import read_bitstream
 from tests.server.conftest import ServerThread, connect, hello, receive_all, send_pcm
+
+CARD = ModelCard.from_file(default_model_dir() / "card.json")
 
 
 def wav_bytes(pcm: np.ndarray, rate: int = 16000, channels: int = 1) -> bytes:
@@ -32,7 +35,7 @@ async def test_health_ready_models(server: ServerThread) -> None:
     async with httpx.AsyncClient(base_url=server.http) as client:
         assert (await client.get("/healthz")).json() == {"status": "ok"}
         ready = await client.get("/readyz")
-        assert ready.status_code == 200 and ready.json()["model_id"] == "cs-mdct-random-tiny"
+        assert ready.status_code == 200 and ready.json()["model_id"] == CARD.model_id
         models = (await client.get("/v1/models")).json()["models"]
     (model,) = models
     assert model["num_codebooks"] == 12 and model["default_num_codebooks"] == 11
@@ -46,7 +49,7 @@ async def test_http_encode_decode_round_trip(server: ServerThread, clip: np.ndar
         assert encoded.status_code == 200, encoded.text
         assert encoded.headers["x-codecstream-frames"] == str(frames)
         header, tokens = read_bitstream(encoded.content)
-        assert header.model_id == "cs-mdct-random-tiny" and header.num_frames == frames
+        assert header.model_id == CARD.model_id and header.num_frames == frames
         assert all(t.num_codebooks == 1 for t in tokens)
         # 1 codebook = 20 bits per frame: the file size is the bitrate
         assert len(encoded.content) == 26 + len(header.model_id) + math.ceil(20 * frames / 8)
@@ -143,7 +146,8 @@ async def test_metrics_text(server: ServerThread, clip: np.ndarray) -> None:
         "codecstream_room_participants",
         'codecstream_sessions_closed_total{code="1000",endpoint="roundtrip"}',
         "codecstream_engine_alive 1.0",
-        'codecstream_model_info{model_id="cs-mdct-random-tiny",random_weights="true"} 1.0',
+        f'codecstream_model_info{{model_id="{CARD.model_id}",'
+        f'random_weights="{str(CARD.random_weights).lower()}"}} 1.0',
     ):
         assert needle in text, needle
     encoded = [
