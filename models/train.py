@@ -187,7 +187,7 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip)
         self.optimizer.step()
         self.step += 1
-        logs.update(total=float(total), grad_norm=float(grad_norm),
+        logs.update(total=float(total.detach()), grad_norm=float(grad_norm),
                     lr=self.optimizer.param_groups[0]["lr"])
         return logs
 
