@@ -6,10 +6,13 @@
 * `e2e`: the mouth-to-ear delay of every frame on the timestamps (sender capture of its
   first sample to receiver playout, + the decoder overlap), `stage_sum` and the residual
   e2e - sum (0 up to rounding: the stages telescope);
-* `signal`: the independent check: each receiver's speaker recording is cross-correlated,
-  in 0.5 s windows, with the offline decode of each sender's clip (client.files, the same
-  engine); the lag gives the delay of real audio samples from capture to playout, compared
-  with the timestamp e2e of the frame played at the window start (`residual_ms`);
+* `signal`: the independent check: each receiver's speaker recording is located, in 0.5 s
+  windows, in the offline decode of each sender's clip (client.files, the same engine) by
+  the phase-insensitive measures of client.profiler.spectral (log-mel spectrograms, refined
+  on the waveform where it agrees: a decoder with its own oscillator state plays the right
+  audio with other harmonic phases than an offline decode); the lag gives the delay of real
+  audio samples from capture to playout, compared with the timestamp e2e of the frame played
+  at the window start (`residual_ms`), and each window's spectral similarity to the decode;
 * `frames`: sent, played, late (after their playout tick), lost, concealed, ...;
 * `rtf`: encoder and decoder compute per frame / frame duration; the server stage likewise;
 * `scheduler`: how late the simulated device ticks ran (an overloaded machine shows here).
@@ -19,13 +22,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol, TypeAlias
+from typing import Any, NamedTuple, Protocol, TypeAlias
 
 import numpy as np
 import numpy.typing as npt
 
 from client.files import decode_frames_local, encode_pcm_local
 from client.profiler.sim import RoundtripClient, SimClient, SimConfig
+from client.profiler.spectral import (
+    WAVEFORM_MATCH,
+    locate,
+    log_spectral_distance,
+    similarity,
+)
 from client.profiler.stages import (
     ROUNDTRIP_STAGES,
     Breakdown,
@@ -41,14 +50,16 @@ from client.profiler.stages import (
 from client.virtual import VirtualAudio
 from streaming.model import CodecModel
 
-__all__ = ["Participant", "analyze", "reference_decode", "signal_windows"]
+__all__ = ["Participant", "Window", "analyze", "reference_decode", "signal_windows"]
 
 F32: TypeAlias = npt.NDArray[np.float32]
 F64: TypeAlias = npt.NDArray[np.float64]
 
 WINDOW_S = 0.5
 SEARCH_S = 0.1
-MIN_CORRELATION = 0.3
+MIN_SIMILARITY = 0.3
+"""A window counts when its spectral similarity to the sender's decode reaches this (a
+correct decode: about 0.8-1; other audio: about 0, client.profiler.spectral)."""
 
 
 class Participant(Protocol):
@@ -76,18 +87,21 @@ def reference_decode(model: CodecModel, source: F32, num_codebooks: int) -> F32:
     return decode_frames_local(model, tokens)[d : d + source.shape[0]]
 
 
-def _best_lag(window: F32, segment: F32) -> tuple[int, float]:
-    """(offset in `segment`, normalised correlation) where `window` matches best."""
-    w = window.shape[0]
-    size = 1 << math.ceil(math.log2(segment.shape[0] + w))
-    spec = np.fft.rfft(segment, size) * np.conj(np.fft.rfft(window, size))
-    corr = np.fft.irfft(spec, size)[: segment.shape[0] - w + 1]
-    energy = np.cumsum(np.concatenate([[0.0], segment.astype(np.float64) ** 2]))
-    seg_energy = energy[w:] - energy[:-w]
-    norm = np.sqrt(np.maximum(seg_energy * float(window @ window), 1e-20))
-    score = corr / norm
-    k = int(np.argmax(score))
-    return k, float(score[k])
+class Window(NamedTuple):
+    """One window of a receiver's recording located in a sender's reference decode."""
+
+    time: float
+    """Play time of the window start (s)."""
+    delay: float
+    """Measured delay of its samples from the sender's capture (s)."""
+    similarity: float
+    """Spectral similarity to the reference at that delay (client.profiler.spectral)."""
+    lsd_db: float
+    """Log-spectral distance to the reference at that delay (dB)."""
+    refined: bool
+    """Whether the lag was refined on the waveform (phase-coherent audio)."""
+    expected: float
+    """The timestamp e2e of the frame played at the window start (s)."""
 
 
 def signal_windows(
@@ -95,20 +109,20 @@ def signal_windows(
     sender: Participant,
     reference: F32,
     expected: Callable[[float], float | None],
-) -> list[tuple[float, float, float, float]]:
+) -> list[Window]:
     """Measure the delay of real samples from `sender`'s microphone to `receiver`'s speaker.
 
     For each 0.5 s window of the receiver's recording, the matching stretch of the sender's
-    reference decode is searched within ±`SEARCH_S` of the delay `expected(t)` (the
-    timestamp e2e at the window start; None: skip), so other senders in the mix cannot
-    produce false matches; a window counts when the normalised correlation reaches
-    `MIN_CORRELATION`.  Returns (window start play time, measured delay s, correlation,
-    expected delay s) per window.
+    reference decode is searched (`spectral.locate`: log-mel spectrograms, refined on the
+    waveform where it agrees) within ±`SEARCH_S` of the delay `expected(t)` (the timestamp
+    e2e at the window start; None: skip), so other senders in the mix cannot produce false
+    matches; a window counts when its spectral similarity to the decode reaches
+    `MIN_SIMILARITY`.
     """
     rate = receiver.port.rate
     rec = receiver.port.recording[: receiver.port.recorded]
     w = int(WINDOW_S * rate)
-    out: list[tuple[float, float, float, float]] = []
+    out: list[Window] = []
     for i0 in range(0, rec.shape[0] - w, w):
         window = rec[i0 : i0 + w]
         if float(window @ window) < 1e-8 * w:
@@ -122,9 +136,14 @@ def signal_windows(
         segment = reference[j_lo : min(centre + int(SEARCH_S * rate) + w, reference.shape[0])]
         if segment.shape[0] < w + 1:
             continue
-        k, score = _best_lag(window, segment)
-        if score >= MIN_CORRELATION:
-            out.append((t0, t0 - sender.port.capture_time(j_lo + k), score, guess))
+        match = locate(window, segment, rate)
+        k = int(match.offset)
+        ref = segment[k : k + w]
+        score = similarity(ref, window, rate)
+        if score >= MIN_SIMILARITY:
+            captured = sender.port.capture_time(j_lo + k) + (match.offset - k) / rate
+            lsd = log_spectral_distance(ref, window, rate)
+            out.append(Window(t0, t0 - captured, score, lsd, match.refined, guess))
     return out
 
 
@@ -156,6 +175,8 @@ def _signal_check(
     residuals: list[float] = []
     delays: list[float] = []
     scores: list[float] = []
+    distances: list[float] = []
+    refined = 0
     refs = {
         c.participant_id: reference_decode(model, c.source, c.config.num_codebooks) for c in clients
     }
@@ -168,19 +189,25 @@ def _signal_check(
             mask = (receivers == rx.name) & (b.sender == tx.participant_id)
             order = np.argsort(b.played[mask])
             expected = _expected(b.played[mask][order], b.e2e[mask][order], frame_s)
-            for _, delay, score, guess in signal_windows(rx, tx, refs[tx.participant_id], expected):
-                delays.append(1000.0 * delay)
-                scores.append(score)
-                residuals.append(1000.0 * (delay - guess))
+            for win in signal_windows(rx, tx, refs[tx.participant_id], expected):
+                delays.append(1000.0 * win.delay)
+                scores.append(win.similarity)
+                distances.append(win.lsd_db)
+                refined += win.refined
+                residuals.append(1000.0 * (win.delay - win.expected))
     stats = StageStats.of(np.array(delays, dtype=np.float64)).as_dict()
     res = np.array(residuals, dtype=np.float64)
     return {
-        "method": "speaker recording cross-correlated with the offline decode of the sent "
-        f"clip, {WINDOW_S:g} s windows, lag searched within +-{1000 * SEARCH_S:g} ms of the "
-        f"timestamp e2e, minimum normalised correlation {MIN_CORRELATION:g}",
+        "method": "speaker recording located in the offline decode of the sent clip on "
+        f"log-mel spectrograms (1 ms hop; refined on the waveform where its normalised "
+        f"correlation reaches {WAVEFORM_MATCH:g}), {WINDOW_S:g} s windows, lag searched "
+        f"within +-{1000 * SEARCH_S:g} ms of the timestamp e2e, minimum spectral similarity "
+        f"{MIN_SIMILARITY:g}",
         "windows": len(delays),
+        "waveform_refined_windows": refined,
         "delay_ms": stats,
-        "correlation_median": float(np.median(scores)) if scores else None,
+        "similarity_median": float(np.median(scores)) if scores else None,
+        "lsd_db_median": float(np.median(distances)) if distances else None,
         "residual_ms": {
             "median": float(np.median(res)) if res.size else None,
             "p95_abs": float(np.percentile(np.abs(res), 95)) if res.size else None,

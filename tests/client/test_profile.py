@@ -52,7 +52,10 @@ def test_profile_reports_a_stage_budget_that_adds_up(
     # ... and the timestamps agree with the delay of the played audio itself
     signal = profile["signal"]
     assert signal["windows"] >= 2
-    assert signal["correlation_median"] > 0.9
+    # spectral similarity (client.profiler.spectral): a decoder with its own oscillator
+    # state plays the right audio with other harmonic phases than the offline decode
+    assert signal["similarity_median"] > 0.6
+    assert signal["lsd_db_median"] < 6.0
     assert abs(signal["residual_ms"]["median"]) < 2.0
     assert signal["delay_ms"]["p50"] == pytest.approx(e2e["p50"], abs=5.0)
     # a local, unloaded path: mouth-to-ear within a sane budget, nothing lost
