@@ -156,7 +156,7 @@ def build_card(model: CausalCodec, states: dict[str, list[dict[str, Any]]], mode
         "decoder": {"file": "decoder.onnx", "states": states["decoder"]},
         "latency_ms": {"frame": frame_ms, "overlap": overlap_ms,
                        "algorithmic": frame_ms + overlap_ms,
-                       "measured_impulse": measured_latency_ms},
+                       "measured": measured_latency_ms},
         "mflops_per_second": {k: round(v, 1) for k, v in mflops_per_second(config).items()},
         "parameters": {"encoder": count_parameters(model.encoder),
                        "decoder": count_parameters(model.decoder),
@@ -234,9 +234,9 @@ def export_model(out_dir: Path, checkpoint: Path | None = None, model_id: str | 
     digest = hashlib.sha256((out_dir / "decoder.onnx").read_bytes()).hexdigest()[:8]
     prefix = "cs-mdct-random" if random_weights else "cs-mdct"
     model_id = model_id or f"{prefix}-{meta.get('step', 0)}-{digest}"
-    from models.measure import impulse_latency_ms
+    from models.measure import measured_latency_ms
 
-    latency = impulse_latency_ms(out_dir, model.config)
+    latency = measured_latency_ms(out_dir, model.config)
     card = build_card(model, states, model_id, random_weights, meta, quality, latency)
     for name in ("encoder.onnx", "decoder.onnx"):
         embed_card(out_dir / name, card)
