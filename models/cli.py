@@ -149,7 +149,8 @@ def card_quality(report: dict) -> dict:
             "pesq_kept_after_passes": round(idem["kept_fraction"], 3) if idem else None,
         }
     return {"benchmark": "benchmarks/bench_quality.py", "date": report["date"],
-            "data": report["data"], "clips": len(report["clips"]), "ours": ours}
+            "data": f"../shared/data/{Path(report['data']).name}", "clips": len(report["clips"]),
+            "ours": ours}
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
