@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,6 +11,7 @@ import pytest
 import soundfile as sf
 
 from streaming.model import CodecModel
+from tests.server.conftest import ServerThread as BaseServerThread
 
 DEV_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "dev"
 CLIP = DEV_DIR / "ls_1688__1688-142285-0006.flac"
@@ -48,39 +47,17 @@ def speech() -> tuple[np.ndarray, int]:
     return speech_clip(3.0)
 
 
-class ServerThread:
-    """The real server (`server.runner.CodecServer`) on 127.0.0.1:<free port>, in a thread
-    with its own event loop."""
+class ServerThread(BaseServerThread):
+    """The server tests' background server, built from keyword settings, with `url`."""
 
     def __init__(self, **settings: Any) -> None:
-        from server.app import create_app
-        from server.runner import CodecServer, make_config
         from server.settings import Settings
 
-        self.settings = Settings(**{"log_level": "warning", **settings})
-        self.app = create_app(self.settings)
-        config = make_config(self.app, self.settings, host="127.0.0.1", port=0)
-        self.server = CodecServer(config, self.app)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.port = 0
-
-    def start(self) -> ServerThread:
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the test server did not start")
-            time.sleep(0.01)
-        self.port = self.server.servers[0].sockets[0].getsockname()[1]
-        return self
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=20)
+        super().__init__(Settings(**{"log_level": "warning", **settings}))
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return self.http
 
 
 @pytest.fixture(scope="session")
