@@ -51,8 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--save-weights", type=Path,
                         help=f"also write fp16 weights for fine-tuning (the shipped ones live "
                              f"in {SHIPPED_WEIGHTS.relative_to(SHIPPED_WEIGHTS.parents[2])})")
-    export.add_argument("--fp32", action="store_true",
-                        help="store float32 weights (default: fp16-rounded weights, half size)")
+    export.add_argument("--weights", choices=("int8", "fp16", "fp32"), default="int8",
+                        help="weight storage: int8 (default: 8-bit Linear layers, fastest, "
+                             "smallest), fp16 (exact fp16 weights) or fp32")
 
     evaluate = sub.add_parser("evaluate", help="quick quality check of a checkpoint on clips")
     evaluate.add_argument("--checkpoint", type=Path, required=True)
@@ -122,7 +123,7 @@ def cmd_export(args: argparse.Namespace) -> None:
         raise SystemExit("codec-train export: give --checkpoint or --random")
     quality = card_quality(json.loads(args.quality.read_text())) if args.quality else None
     card = export_model(args.out, checkpoint=args.checkpoint, model_id=args.model_id,
-                        quality=quality, fp16=not args.fp32)
+                        quality=quality, weights=args.weights)
     if args.save_weights:
         from models.export import save_weights
 

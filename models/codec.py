@@ -84,7 +84,8 @@ class CodecOutput:
 class CausalConvNeXtBlock(nn.Module):
     """ConvNeXt block over frames: causal depthwise conv, LayerNorm, pointwise MLP, residual.
 
-    Full sequence: x [B, T, C] -> [B, T, C]. Step: x [B, 1, C] and state [B, C, kernel-1].
+    Full sequence: x [B, T, C] -> [B, T, C]. Step: x [B, T, C] and state [B, C, kernel-1]
+    (the last kernel-1 inputs).
     """
 
     def __init__(self, channels: int, kernel: int, mlp_mult: int, layer_scale: float):
@@ -95,10 +96,18 @@ class CausalConvNeXtBlock(nn.Module):
         self.up = nn.Linear(channels, channels * mlp_mult)
         self.down = nn.Linear(channels * mlp_mult, channels)
         self.scale = nn.Parameter(torch.full((channels,), layer_scale))
+        self.scale_folded = False
+
+    def fold_layer_scale(self) -> None:
+        """Fold the layer scale into ``down`` (for export: one Mul fewer per block)."""
+        with torch.no_grad():
+            self.down.weight.mul_(self.scale[:, None])
+            self.down.bias.mul_(self.scale)
+        self.scale_folded = True
 
     def _mlp(self, mixed: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         hidden = self.down(nn.functional.gelu(self.up(self.norm(mixed))))
-        return residual + self.scale * hidden
+        return residual + (hidden if self.scale_folded else self.scale * hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         padded = nn.functional.pad(x.transpose(1, 2), (self.kernel - 1, 0))
@@ -106,15 +115,17 @@ class CausalConvNeXtBlock(nn.Module):
 
     def step(self, x: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """A chunk of T frames: x [B, T, C], state [B, C, kernel-1] -> (y, next state)."""
-        window = torch.cat([state, x.transpose(1, 2)], dim=2)
+        window = torch.cat([state, x.transpose(1, 2)], dim=2)  # [B, C, T + kernel - 1]
         if x.shape[1] == 1:
             # one frame (the exported graph): a weighted sum is much faster in onnxruntime
-            # than a grouped Conv over a length-`kernel` window, and computes the same thing
+            # than a grouped Conv over a length-`kernel` window, and computes the same thing.
+            # Summing over the last (contiguous) axis keeps onnxruntime's summation order the
+            # same for every batch size, so batched and single-stream steps agree bit for bit.
             weight = self.depthwise.weight[:, 0, :]  # [C, kernel]
             mixed = ((window * weight).sum(-1) + self.depthwise.bias)[:, None, :]
         else:
             mixed = self.depthwise(window).transpose(1, 2)
-        return self._mlp(mixed, x), window[:, :, window.shape[2] - (self.kernel - 1) :]
+        return self._mlp(mixed, x), window[:, :, 1 - self.kernel :]
 
 
 class FrameNetwork(nn.Module):
@@ -194,7 +205,7 @@ class CausalCodec(nn.Module):
     def analyse(self, windows: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Frame windows [..., 2N] (previous + current frame) -> (features [..., 2N+2],
         gain index [...], gain [..., 1], tracker log2 f0 [...], periodicity [...])."""
-        span = windows[..., windows.shape[-1] - self.config.frame_size - self.config.overlap :]
+        span = windows[..., -(self.config.frame_size + self.config.overlap) :]
         coeffs = span @ self.analysis.T
         index = self.gain_index(coeffs)
         gain = self.gain_value(index)
@@ -223,7 +234,7 @@ class CausalCodec(nn.Module):
         windows = joined[:, None, :] if frames == 1 else joined.unfold(-1, 2 * n, n)
         feats, index, gain, log_f0, periodicity = self.analyse(windows)
         latents, new_blocks = self.encoder.step(feats, block_states)
-        next_states = [joined[:, joined.shape[-1] - n :], *new_blocks]
+        next_states = [joined[:, -n:], *new_blocks]
         return latents, index, gain, log_f0, periodicity, next_states
 
     def decoder_core(self, quantized: torch.Tensor, gain: torch.Tensor,
@@ -258,7 +269,7 @@ class CausalCodec(nn.Module):
         shape = free + exc_gain * (exc_spans @ self.analysis.T)
         spans = self.synthesise_spans(shape, gain)
         next_states = [f0[:, -1:], voicing[:, -1:], next_phase[:, None],
-                       joined[:, joined.shape[-1] - overlap :], *new_blocks]
+                       joined[:, -overlap:], *new_blocks]
         return spans, PitchOutput(log_f0, voicing_logit), next_states
 
     # -- full sequence ----------------------------------------------------------------------

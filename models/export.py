@@ -7,6 +7,7 @@ See docs/model-interface.md for names, shapes and the card's fields.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from pathlib import Path
@@ -92,9 +93,22 @@ def _export_graph(module: nn.Module, args: tuple[torch.Tensor, ...], path: Path,
                       dynamic_axes=dynamic, opset_version=OPSET, dynamo=False)
 
 
-def export_graphs(model: CausalCodec, out_dir: Path) -> dict[str, list[dict[str, Any]]]:
+def fold_layer_scales(model: CausalCodec) -> CausalCodec:
+    """A copy of ``model`` whose ConvNeXt layer scales are folded into their ``down`` layers
+    (same function, one Mul fewer per block in the graphs)."""
+    folded = copy.deepcopy(model)
+    for network in (folded.encoder, folded.decoder):
+        for block in network.blocks:
+            block.fold_layer_scale()
+    return folded
+
+
+def export_graphs(model: CausalCodec, out_dir: Path,
+                  fold_scales: bool = True) -> dict[str, list[dict[str, Any]]]:
     """Write encoder.onnx and decoder.onnx; return the state tables for the card."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    if fold_scales:
+        model = fold_layer_scales(model)
     config = model.config
     batch = 2
     enc_states = model.encoder_state_shapes()
@@ -202,6 +216,50 @@ def store_weights_as_fp16(path: Path, min_elements: int = 1024) -> None:
     onnx.save(model, str(path))
 
 
+def linear_weight_matmuls(path: Path, model: CausalCodec) -> tuple[list[str], list[str]]:
+    """MatMul nodes of a graph whose constant operand is one of the encoder's or decoder's
+    Linear weights (names), and the other MatMuls (MDCT bases, codebook distances, tracker).
+
+    Matched by value, not by node name, so it does not depend on the exporter's naming.
+    """
+    weights = [module.weight.detach().T.contiguous().numpy()
+               for network in (model.encoder, model.decoder)
+               for module in network.modules() if isinstance(module, nn.Linear)]
+    graph = onnx.load(str(path)).graph
+    constants = {init.name: init for init in graph.initializer}
+    linear, other = [], []
+    for node in graph.node:
+        if node.op_type != "MatMul":
+            continue
+        init = constants.get(node.input[1])
+        values = onnx.numpy_helper.to_array(init) if init is not None else None
+        is_linear = values is not None and any(
+            values.shape == w.shape and np.allclose(values, w, rtol=1e-5, atol=1e-7)
+            for w in weights)
+        (linear if is_linear else other).append(node.name)
+    return linear, other
+
+
+def quantize_linear_weights(path: Path, model: CausalCodec, block_size: int = 32) -> int:
+    """Store the network's Linear weights as 8-bit (symmetric, one scale per block of
+    ``block_size`` input channels per output channel) in MatMulNBits nodes; return how many.
+
+    Weight-only quantization: activations are quantized per row and per block inside the
+    kernel (accuracy level 4), so each stream of a batch is computed independently of the
+    others (batched == unbatched). The MDCT bases, codebooks and pitch tracker stay float.
+    The scale-folded model must be passed (the weights are matched by value).
+    """
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    linear, other = linear_weight_matmuls(path, model)
+    quantizer = MatMulNBitsQuantizer(onnx.load(str(path)), bits=8, block_size=block_size,
+                                     is_symmetric=True, accuracy_level=4,
+                                     nodes_to_include=linear, nodes_to_exclude=other)
+    quantizer.process()
+    quantizer.model.save_model_to_file(str(path))
+    return len(linear)
+
+
 def embed_card(path: Path, card: dict[str, Any]) -> None:
     graph = onnx.load(str(path))
     del graph.metadata_props[:]
@@ -210,14 +268,22 @@ def embed_card(path: Path, card: dict[str, Any]) -> None:
     onnx.save(graph, str(path))
 
 
+WEIGHT_FORMATS = ("fp32", "fp16", "int8")
+
+
 def export_model(out_dir: Path, checkpoint: Path | None = None, model_id: str | None = None,
                  quality: dict[str, Any] | None = None, model: CausalCodec | None = None,
-                 random_weights: bool | None = None, fp16: bool = False) -> dict[str, Any]:
+                 random_weights: bool | None = None, weights: str = "fp32") -> dict[str, Any]:
     """Export a checkpoint (or ``model``, or random weights) to ``out_dir``; return the card.
 
     ``random_weights`` labels the card; by default a model without a checkpoint is untrained.
-    ``fp16`` rounds the weights to fp16 precision and stores them so (half the size).
+    ``weights``: "fp32"; "fp16" rounds the weights (of ``model``, in place) to fp16 precision
+    and stores them so (half the size, exact parity with the rounded model); "int8" also
+    stores the encoder's and decoder's Linear layers as 8-bit weights (MatMulNBits, about a
+    quarter of the size, 1.5-2x faster frame steps) and the rest as fp16.
     """
+    if weights not in WEIGHT_FORMATS:
+        raise ValueError(f"weights must be one of {WEIGHT_FORMATS}, not {weights!r}")
     meta: dict[str, Any] = {}
     if random_weights is None:
         random_weights = checkpoint is None
@@ -225,11 +291,14 @@ def export_model(out_dir: Path, checkpoint: Path | None = None, model_id: str | 
         model, meta = load_checkpoint(checkpoint)
     elif model is None:
         model = random_model()
-    if fp16:
+    if weights != "fp32":
         round_weights_to_fp16(model)
-    states = export_graphs(model, out_dir)
-    if fp16:
-        for name in ("encoder.onnx", "decoder.onnx"):
+    # fp16 keeps the layer scales apart so every stored weight is exactly an fp16 value
+    states = export_graphs(model, out_dir, fold_scales=weights != "fp16")
+    for name in ("encoder.onnx", "decoder.onnx"):
+        if weights == "int8":
+            quantize_linear_weights(out_dir / name, fold_layer_scales(model))
+        if weights != "fp32":
             store_weights_as_fp16(out_dir / name)
     digest = hashlib.sha256((out_dir / "decoder.onnx").read_bytes()).hexdigest()[:8]
     prefix = "cs-mdct-random" if random_weights else "cs-mdct"
@@ -238,6 +307,7 @@ def export_model(out_dir: Path, checkpoint: Path | None = None, model_id: str | 
 
     latency = measured_latency_ms(out_dir, model.config)
     card = build_card(model, states, model_id, random_weights, meta, quality, latency)
+    card["weights"] = weights
     for name in ("encoder.onnx", "decoder.onnx"):
         embed_card(out_dir / name, card)
     (out_dir / "card.json").write_text(json.dumps(card, indent=2) + "\n")

@@ -37,33 +37,43 @@ class PitchTracker(torch.nn.Module):
         self.min_lag = int(self.rate / F0_MAX)
         self.max_lag = int(self.rate / F0_MIN)
         lags = torch.arange(self.min_lag, self.max_lag + 1)
-        start = half - lags  # where the lagged segment starts in the N-sample 8 kHz window
-        self.register_buffer("lag_index", start[:, None] + torch.arange(half)[None, :],
-                             persistent=False)
         self.register_buffer("lags", lags.float(), persistent=False)
         self.half = half
 
     def _lagged_windows(self, low: torch.Tensor) -> torch.Tensor:
-        """low [..., L] -> [..., lags, N/2]: row r holds low[half - lag_r + j], j < N/2.
+        """low [..., L] -> [..., lags, N/2], row r holding low[half - lag + j], j < N/2, for
+        the lags in *descending* order (row r has lag max_lag - r).
 
         Built with tile + reshape (row i of a (L+1)-wide reshape of L-periodic data starts
         i samples later), which onnxruntime runs far faster than an element-wise Gather.
         """
-        length = low.shape[-1]
+        length = 2 * self.half  # samples at 8 kHz (static: no shape ops in the graph)
         rows = self.lags.shape[0]
         tiled = low.repeat(*([1] * (low.dim() - 1)), rows + 1)
         width = rows * (length + 1)
         shifted = tiled[..., :width].reshape(*low.shape[:-1], rows, length + 1)
         start = self.half - self.max_lag  # row i starts at sample start + i
-        windows = shifted[..., start : start + self.half]  # lag = max_lag - i
-        return windows.flip(-2)  # ascending lags, as self.lags
+        return shifted[..., start : start + self.half]
+
+    def _lagged_energy(self, low: torch.Tensor) -> torch.Tensor:
+        """Energy of each lagged window, low [..., L] -> [..., lags] (ascending lags).
+
+        Differences of a float64 running sum of squares: O(L) instead of O(lags * N/2).
+        """
+        squares = low.double().pow(2)
+        running = torch.nn.functional.pad(torch.cumsum(squares, dim=-1), (1, 0))
+        # window of lag l covers samples [half - l, 2 half - l)
+        first, last = self.half - self.max_lag, self.half - self.min_lag
+        starts = running[..., first : last + 1]
+        ends = running[..., first + self.half : last + self.half + 1]
+        return (ends - starts).flip(-1).float().clamp(min=0.0)
 
     def forward(self, window: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         low = 0.5 * (window[..., 0::2] + window[..., 1::2])  # [..., N] at 8 kHz
-        current = low[..., low.shape[-1] - self.half :]  # [..., N/2]
-        lagged = self._lagged_windows(low)  # [..., lags, N/2]
-        dot = (lagged * current[..., None, :]).sum(-1)
-        energy = lagged.pow(2).sum(-1) * current.pow(2).sum(-1, keepdim=True)
+        current = low[..., -self.half :]  # [..., N/2]
+        lagged = self._lagged_windows(low)  # [..., lags (descending), N/2]
+        dot = (lagged @ current[..., :, None])[..., 0].flip(-1)  # ascending lags
+        energy = self._lagged_energy(low) * current.pow(2).sum(-1, keepdim=True)
         nccf = dot * torch.rsqrt(energy + 1e-9)
         # a slight preference for short lags avoids picking the pitch's sub-multiples
         score = nccf * (1.0 - 0.15 * self.lags / self.max_lag)

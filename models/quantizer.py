@@ -40,14 +40,14 @@ class EMACodebook(nn.Module):
         self.register_buffer("embed_sum", self.embedding.clone())
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
 
-    def nearest(self, vectors: torch.Tensor) -> torch.Tensor:
-        """Index of the nearest code vector, [M, D] -> [M]."""
-        distances = (
-            vectors.pow(2).sum(-1, keepdim=True)
-            - 2 * vectors @ self.embedding.T
-            + self.embedding.pow(2).sum(-1)[None, :]
-        )
-        return distances.argmin(-1)
+    def nearest(self, vectors: torch.Tensor, keepdim: bool = False) -> torch.Tensor:
+        """Index of the nearest code vector, [..., D] -> [...] (or [..., 1] with keepdim).
+
+        argmin |v - c|^2 = argmin (|c|^2 / 2 - v.c): the |v|^2 term is the same for every
+        code, so it is left out (one MatMul, one Add, one ArgMin per stage in the graph).
+        """
+        half_norms = 0.5 * self.embedding.pow(2).sum(-1)
+        return (half_norms - vectors @ self.embedding.T).argmin(-1, keepdim=keepdim)
 
     def lookup(self, codes: torch.Tensor) -> torch.Tensor:
         """Code vectors for indices of any shape [...] -> [..., D]."""
@@ -136,19 +136,25 @@ class ResidualVQ(nn.Module):
 
     def encode(self, latents: torch.Tensor) -> torch.Tensor:
         """All Q codes of [B, T, D] latents -> [B, T, Q] (no updates)."""
-        batch, frames, dim = latents.shape
-        residual = latents.reshape(-1, dim)
+        residual = latents
         codes = []
         for stage in self.stages:
-            index = stage.nearest(residual)
-            residual = residual - stage.lookup(index)
+            index = stage.nearest(residual, keepdim=True)  # [B, T, 1]
+            residual = residual - stage.lookup(index[..., 0])
             codes.append(index)
-        return torch.stack(codes, -1).reshape(batch, frames, -1)
+        return torch.cat(codes, -1)
 
     def decode(self, codes: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """Sum of the first ``counts`` [B] stages' vectors for codes [B, T, Q] -> [B, T, D]."""
-        total = torch.zeros(())
-        for index, stage in enumerate(self.stages):
-            active = (counts > index).to(stage.embedding.dtype)[:, None, None]
-            total = total + stage.lookup(codes[..., index]) * active
-        return total
+        """Sum of the first ``counts`` [B] stages' vectors for codes [B, T, Q] -> [B, T, D].
+
+        One lookup in the stacked codebooks [Q*K, D] (stage q's code c is row q*K + c), then
+        a masked sum over stages: a handful of graph nodes whatever Q is.
+        """
+        stages = len(self.stages)
+        size = self.stages[0].size
+        table = torch.cat([stage.embedding for stage in self.stages])  # [Q*K, D]
+        offsets = torch.arange(stages, device=codes.device) * size  # [Q]
+        vectors = nn.functional.embedding(codes + offsets, table)  # [B, T, Q, D]
+        active = torch.arange(stages, device=codes.device) < counts[:, None]  # [B, Q]
+        weights = active.to(table.dtype)[:, None, :, None]  # [B, 1, Q, 1]
+        return (vectors * weights).sum(-2)

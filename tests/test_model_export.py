@@ -100,7 +100,7 @@ def test_bitrates_follow_the_frame_payload() -> None:
 def test_fp16_storage_halves_the_file_and_keeps_exact_parity(tmp_path: Path) -> None:
     model = random_model(TINY, seed=4)
     export_model(tmp_path / "fp32", model=model, model_id="t32")
-    export_model(tmp_path / "fp16", model=model, model_id="t16", fp16=True)  # rounds `model`
+    export_model(tmp_path / "fp16", model=model, model_id="t16", weights="fp16")  # rounds `model`
     size32 = (tmp_path / "fp32" / "decoder.onnx").stat().st_size
     size16 = (tmp_path / "fp16" / "decoder.onnx").stat().st_size
     assert size16 < size32
@@ -117,3 +117,41 @@ def test_fp16_storage_halves_the_file_and_keeps_exact_parity(tmp_path: Path) -> 
     offline = model.decode(codes, gains, 3).numpy()
     streamed = onnx_codec.decode(codes.numpy(), gains.numpy(), 3)
     np.testing.assert_allclose(streamed[:, L:], offline[:, :-L], atol=1e-4)
+
+
+def test_int8_export_quantizes_every_linear_layer_and_stays_close(tmp_path: Path) -> None:
+    model = random_model(TINY, seed=5)
+    card = export_model(tmp_path, model=model, model_id="t8", weights="int8")  # rounds `model`
+    assert card["weights"] == "int8"
+    linear_layers = sum(isinstance(m, torch.nn.Linear)
+                        for net in (model.encoder, model.decoder) for m in net.modules())
+    quantized = 0
+    for name in ("encoder.onnx", "decoder.onnx"):
+        graph = onnx.load(str(tmp_path / name)).graph
+        quantized += sum(node.op_type == "MatMulNBits" for node in graph.node)
+        # the codebook distances and MDCT bases stay float MatMuls
+        assert any(node.op_type == "MatMul" for node in graph.node)
+    assert quantized == linear_layers
+    pcm = speechlike(10, batch=2)
+    codes, gains = model.encode(pcm)
+    onnx_codec = OnnxCodec(tmp_path)
+    onnx_codes, onnx_gains = onnx_codec.encode(pcm.numpy())
+    np.testing.assert_array_equal(onnx_gains, gains.numpy())  # the gain path is not quantized
+    assert (onnx_codes[..., 0] == codes.numpy()[..., 0]).mean() > 0.8
+    offline = model.decode(codes, gains, TINY.num_codebooks).numpy()[:, :-L]
+    streamed = onnx_codec.decode(codes.numpy(), gains.numpy(), TINY.num_codebooks)[:, L:]
+    error_db = 10 * np.log10(np.sum((streamed - offline) ** 2) / np.sum(offline**2))
+    assert error_db < -25.0
+
+
+def test_int8_graphs_compute_each_stream_independently_of_the_batch(tmp_path: Path) -> None:
+    export_model(tmp_path, model=random_model(TINY, seed=6), model_id="t8b", weights="int8")
+    onnx_codec = OnnxCodec(tmp_path)
+    pcm = speechlike(6, batch=3).numpy()
+    pcm[1] *= 8.0  # a much louder neighbour must not change the others' quantization
+    batched_codes, _ = onnx_codec.encode(pcm)
+    alone_codes, _ = onnx_codec.encode(pcm[2:3])
+    np.testing.assert_array_equal(batched_codes[2:3], alone_codes)
+    batched = onnx_codec.decode(batched_codes, np.full(batched_codes.shape[:2], 40), 4)
+    alone = onnx_codec.decode(alone_codes, np.full(alone_codes.shape[:2], 40), 4)
+    np.testing.assert_allclose(batched[2:3], alone, atol=1e-6)
