@@ -7,10 +7,16 @@ concurrent WebSocket clients on /v1/roundtrip, each streams a real speech clip
 and measures, per frame, the round-trip latency: from handing chunk k to the socket to
 receiving its decoded PCM.  A level counts as sustained when p99 <= one frame period (20 ms)
 and at most 1 % of the frames are late (round trip > 20 ms).  Server-side figures come from
-its /metrics (late frames, mean batch size, mean compute per frame) and /proc (CPU).
+its /metrics (late frames, mean batch size, mean compute per frame) and /proc (CPU of the
+process, and of its engine threads: `codecstream_engine_cpu_seconds_total`, summed over the
+`--engine-workers` threads, so it can exceed 100 %).
 
-The clients run in this process (one asyncio loop), so on a small machine they compete with
-the server for CPU: the result is a lower bound for the server alone.
+The clients run in this process (one asyncio loop, `websockets`), separate from the server
+process but on the same machine, so on a small machine they compete with the server for CPU:
+the result is a lower bound for the server alone.  To keep them light, every client sends
+slices of one PCM buffer prepared once (no per-frame conversion) and its reader only stamps
+arrival times.  The server runs with its default settings (engine workers, batching window)
+unless `--server-arg` says otherwise; the JSON records both.
 
 Writes benchmarks/results/server.json, docs/img/server_sessions.png and the "Server" section
 of docs/benchmarks.md (between its markers; the rest of the file is kept).
@@ -234,6 +240,19 @@ def _ratio(d: dict[str, float], num: str, den: str) -> float:
     return d.get(num, 0.0) / d[den] if d.get(den) else math.nan
 
 
+def server_defaults() -> dict[str, Any]:
+    """The engine settings the server uses when not given on the command line."""
+    sys.path.insert(0, str(ROOT))
+    from server.settings import Settings
+
+    d = Settings()
+    return {
+        "engine_workers": d.engine_workers,
+        "engine_threads": d.engine_threads,
+        "batch_window_ms": d.batch_window_ms,
+    }
+
+
 def load_pcm() -> bytes:
     if not CLIP.is_file():
         raise SystemExit(f"speech clip {CLIP} missing: ../shared/data/dev is needed")
@@ -294,14 +313,15 @@ def markdown(result: dict[str, Any]) -> str:
         f"`python benchmarks/bench_server.py{' --quick' if result['quick'] else ''}` "
         f"(JSON: `benchmarks/results/server.json`). Model `{result['model_id']}`, "
         f"{m['cpus']} CPU cores ({m['machine']}), {result['date']}, "
-        f"{result['seconds_per_level']:g} s per level.",
+        f"{result['seconds_per_level']:g} s per level; server: {engine_text(result)}.",
         "",
         "N clients stream a real speech clip to `/v1/roundtrip` in real time (20 ms s16le "
         "chunks at 16 kHz, phases spread over the period); round trip = from sending chunk k to "
         "receiving its decoded PCM (encode + decode + queueing + loopback network, without the "
         "25 ms algorithmic latency). Sustained: p99 <= 20 ms and <= 1 % of frames over 20 ms. "
         "Server columns from its /metrics: late frames, streams per ONNX call, time of a batched "
-        "step and the mean engine queueing per frame; CPU from /proc (100 % = one core).",
+        "step and the mean engine queueing per frame (batching window included); CPU from /proc "
+        "(100 % = one core; the engine figure sums the engine threads).",
         "",
         "**Caveats**: the clients run on the same machine (one Python process, competing with "
         "the server for the CPU), the machine was shared with a training job, and the model is "
@@ -333,6 +353,23 @@ def markdown(result: dict[str, Any]) -> str:
         SECTION_END,
     ]
     return "\n".join(lines) + "\n"
+
+
+def engine_text(result: dict[str, Any]) -> str:
+    """The server's engine settings of a run, e.g. `2 engine workers, 6 ms batching window`."""
+    d = dict(result.get("server_defaults") or {})
+    args = list(result.get("server_args") or [])
+    flags = (("--engine-workers", "engine_workers"), ("--batch-window-ms", "batch_window_ms"))
+    for flag, key in flags:
+        if flag in args and args.index(flag) + 1 < len(args):
+            d[key] = args[args.index(flag) + 1]
+    if not d:
+        return "default settings"
+    extra = f" (arguments {' '.join(args)})" if args else ""
+    return (
+        f"engine workers {d.get('engine_workers', '?')}, "
+        f"{float(d.get('batch_window_ms', 0)):g} ms batching window{extra}"
+    )
 
 
 def write_section(path: Path, section: str) -> None:
@@ -415,6 +452,7 @@ def main(argv: list[str] | None = None) -> int:
         "random_weights": card["random_weights"],
         "seconds_per_level": seconds,
         "server_args": args.server_arg,
+        "server_defaults": server_defaults(),
         "machine": {
             "cpus": os.cpu_count(),
             "machine": platform.machine(),

@@ -1,7 +1,7 @@
 """The FastAPI application: `create_app(settings)`.
 
 The lifespan loads the model (`CodecModel.load`, off the event loop), starts the engine
-worker thread and publishes an `AppState` as `app.state.codec`; on exit it closes every
+worker threads and publishes an `AppState` as `app.state.codec`; on exit it closes every
 session with 1001 ("server shutting down") and stops the worker.  `server.runner.CodecServer`
 runs that close before uvicorn tears connections down (uvicorn alone would send 1012).
 
@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
@@ -25,7 +26,7 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from server.auth import AuthError, Lease
 from server.codes import CloseCode, SessionError, close_reason
-from server.engine_worker import EngineWorker
+from server.engine_pool import EnginePool
 from server.http_api import router
 from server.messages import Endpoint
 from server.metrics import Metrics
@@ -78,11 +79,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 
 async def _start(settings: Settings, metrics: Metrics) -> AppState:
+    # process-wide: an engine thread returning from onnxruntime (which releases the GIL)
+    # must get it back quickly while the event loop is busy (Python's default is 5 ms)
+    sys.setswitchinterval(settings.switch_interval_ms / 1000.0)
     model = await asyncio.to_thread(CodecModel.load, settings.model_dir, settings.engine_threads)
     card = model.card
     metrics.model_info.labels(card.model_id, str(card.random_weights).lower()).set(1)
-    worker = EngineWorker(model, metrics, batch_window_s=settings.batch_window_ms / 1000.0)
+    worker = EnginePool(
+        model,
+        metrics,
+        workers=settings.engine_workers,
+        batch_window_s=settings.batch_window_ms / 1000.0,
+    )
     worker.start(asyncio.get_running_loop())
+    metrics.add_latency_source(worker.latency_summary)
     state = AppState(settings, model, worker, metrics, RoomRegistry(metrics))
     log.info(
         "model %s loaded from %s (%d Hz, %d codebooks, %.1f ms algorithmic latency)",

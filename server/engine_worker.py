@@ -1,10 +1,11 @@
-"""The engine worker: ONE thread that owns a `BatchEngine` and runs every encode/decode step.
+"""The engine worker: a thread that owns a `BatchEngine` and runs encode/decode steps.
 
 Sessions (on the asyncio event loop) never touch a stream: each has a `Job`, its engine-side
-half, handed to the worker with `EngineWorker.add`.  The loop sends a job input with
+half, handed to a worker with `EngineWorker.add`.  The loop sends a job input with
 `EngineWorker.submit(job, item)` (thread-safe, never blocks: a deque and an Event); the worker
 thread timestamps nothing itself: `submit` records the arrival time on the loop, so a frame's
-queueing time includes the hop to this thread.
+queueing time includes the hop to this thread.  A server runs one or more workers, each
+owning a share of the jobs (`server.engine_pool.EnginePool`).
 
 One **tick** of the worker:
 
@@ -18,15 +19,27 @@ One **tick** of the worker:
    `Job.on_encoded`; then ONE `decode_step` over every decoder with a frame due
    (`Job.on_decoded`);
 5. `Job.after_step` (periodic jobs mix here; stream jobs finish flushes);
-6. every job's outputs go back to the loop in ONE `loop.call_soon_threadsafe` per tick, where
-   each job's `sink` receives its list.
+6. every job's outputs go back to the loop (`Job.sink` receives its list there): one
+   `loop.call_soon_threadsafe` per batch of ticks the loop has not picked up yet.
 
-Ticks run back to back while frames are due (one frame per stream per tick: a session that
-sends faster than real time gets no more than its share), otherwise the thread sleeps until
-the next submit or period.  Every frame has a deadline of one frame period after its input
-was complete: frames finished later are counted late (`codecstream_frames_late_total`).
-Queueing and compute times of every frame go to `streaming.latency.LatencyStats` (summaries
-republished every second for `/metrics`) and to Prometheus histograms.
+**Batching window** (`batch_window_s`).  Real-time clients send their frames at phases
+spread over the frame period; running every frame as soon as it arrives gives batches of one
+or two streams, and an ONNX call costs a fixed overhead plus a (much smaller) cost per stream.
+So when fresh input arrives the worker waits, up to `batch_window_s` after the oldest waiting
+input arrived, for the frames of other streams to join the same step, but never so long that
+the step would end later than `deadline_s * TARGET_FRACTION` after that oldest input: the
+worker keeps a running linear model of its tick time (fixed + per-stream, fitted on the last
+ticks) and of the rate at which streams' frames arrive, and shortens the wait accordingly.
+It does not wait when every job already has input, for periodic work, when frames are left
+over from the previous tick (a backlog: the next tick starts at once), or when the worker is
+near saturation (the model predicts that a window's worth of arrivals keeps it busy for 70 %
+of the window: ticks then run back to back and batches grow by themselves).  One frame per
+stream per tick: a session that sends faster than real time gets no more than its share.
+
+Every frame has a deadline of one frame period after its input was complete: frames
+finished later are counted late (`codecstream_frames_late_total`).  Queueing and compute
+times of every frame go to `streaming.latency.LatencyStats` (summaries republished every
+second for `/metrics`) and to Prometheus histograms.
 
 An exception in a job's hook fails that job only (its sink gets a `Fatal` with close 1011);
 the worker and every other session go on.
@@ -35,8 +48,8 @@ the worker and every other session go on.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -52,13 +65,25 @@ from streaming.model import CodecModel
 from streaming.protocol import TokenFrame
 from streaming.stream import Clock, DecoderStream, EncoderStream
 
-__all__ = ["EngineWorker", "Fatal", "Job", "Out", "Sink"]
+__all__ = ["TARGET_FRACTION", "Delivery", "EngineWorker", "Fatal", "Job", "Out", "Sink"]
 
 log = logging.getLogger("codecstream.engine")
 
 _STATS_PERIOD_S: Final = 1.0
 _IDLE_WAIT_S: Final = 0.5
 """Longest sleep while idle (keeps the heartbeat fresh for /readyz)."""
+TARGET_FRACTION: Final = 0.5
+"""The batching window never delays a step beyond this fraction of the frame deadline after
+its oldest input arrived (the rest is left to the network and the event loop)."""
+_MIN_WAIT_S: Final = 0.0005
+"""Shorter waits are not worth a sleep (and the GIL hand-off after it)."""
+_BUSY_FRACTION: Final = 0.7
+"""No window when a window's worth of arrivals would keep the worker this busy: near
+saturation ticks run back to back and batches grow by themselves."""
+_COST_DECAY: Final = 0.95
+"""Forgetting factor of the tick-time model (per tick: ~20 ticks of memory)."""
+_RATE_ALPHA: Final = 0.1
+"""Smoothing of the measured arrival rate (per tick)."""
 
 
 @dataclass(slots=True)
@@ -109,6 +134,9 @@ class Job:
         """Set by the job when it has nothing more to do; the worker then drops it."""
         self.late_frames = 0
         self.worker: EngineWorker | None = None
+        """The worker running the job (None once it left)."""
+        self.home: EngineWorker | None = None
+        """The worker the job was added to (routes `submit`; stays set after removal)."""
 
     # ---- hooks (worker thread) ------------------------------------------------------------
 
@@ -175,13 +203,56 @@ class _Remove:
         self.job = job
 
 
+class Delivery:
+    """Hands job outputs from worker threads to the event loop.
+
+    `put` (any thread) queues `(sink, items)` pairs and schedules ONE
+    `loop.call_soon_threadsafe` unless a flush is already pending, so a loop that is busy
+    picks up the ticks of every worker of a pool in one callback (fewer self-pipe writes,
+    fewer GIL hand-offs).  Order is kept per producer.
+    """
+
+    def __init__(self) -> None:
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._queue: deque[tuple[Sink, list[Any]]] = deque()
+        self._scheduled = False
+
+    def put(self, batch: list[tuple[Sink, list[Any]]]) -> None:
+        """Queue outputs for the loop (thread-safe, never blocks)."""
+        self._queue.extend(batch)
+        if self._scheduled:  # read after the extend: a flush still to run will see them
+            return
+        loop = self.loop
+        if loop is None or loop.is_closed():
+            return
+        self._scheduled = True
+        try:
+            loop.call_soon_threadsafe(self._flush)
+        except RuntimeError:  # loop closed meanwhile (shutdown)
+            self._scheduled = False
+
+    def _flush(self) -> None:
+        """On the loop: hand every queued output to its sink (those queued so far)."""
+        self._scheduled = False  # before draining: a later put schedules a new flush
+        queue = self._queue
+        for _ in range(len(queue)):
+            sink, items = queue.popleft()
+            try:
+                sink(items)
+            except Exception:
+                log.exception("session sink failed")
+
+
 class EngineWorker:
-    """The single engine thread (see the module docstring).
+    """One engine thread (see the module docstring).
 
     * `model`: the loaded `CodecModel` (its `card.frame_ms` is the tick period and the frame
       deadline);
     * `metrics`: where frame counters and histograms go;
-    * `capacity`: initial batch capacity (streams per ONNX call; grows on demand).
+    * `capacity`: initial batch capacity (streams per ONNX call; grows on demand);
+    * `batch_window_s`: longest wait for other streams' frames before a step, s (0: none);
+    * `delivery`: how outputs reach the loop (shared by the workers of a pool; default own);
+    * `name`: thread name.
     """
 
     def __init__(
@@ -192,14 +263,22 @@ class EngineWorker:
         capacity: int = 64,
         batch_window_s: float = 0.0,
         clock: Clock = time.perf_counter,
+        delivery: Delivery | None = None,
+        name: str = "codecstream-engine",
     ) -> None:
+        if batch_window_s < 0:
+            raise ValueError("batch_window_s must be >= 0")
         self.model = model
         self.batch_window_s = batch_window_s
         self.metrics = metrics
         self.clock = clock
+        self.name = name
+        self.delivery = delivery if delivery is not None else Delivery()
         self.engine = BatchEngine(model, capacity=capacity, clock=clock)
         self.period_s = model.card.frame_ms / 1000.0
         self.deadline_s = self.period_s
+        self.target_s = self.deadline_s * TARGET_FRACTION
+        """A batching window never makes a step end later than this after its oldest input."""
         self.encode_stats = LatencyStats()
         self.decode_stats = LatencyStats()
         self._summary: dict[str, dict[str, float]] = {}
@@ -211,7 +290,19 @@ class EngineWorker:
         self._jobs: dict[Job, None] = {}  # every job (ordered sets)
         self._periodic: dict[Job, None] = {}
         self._active: dict[Job, None] = {}  # jobs with input or work pending
+        self._stream_jobs = 0  # jobs that are not periodic
+        self._first = math.inf  # arrival of the oldest input not yet stepped (s)
+        self._backlog = False  # the last tick left frames due: the next one starts at once
         self._last_tick = 0.0
+        # tick time model: seconds = cost_fixed + cost_stream * streams, fitted by
+        # exponentially weighted least squares on (streams, seconds) of past ticks
+        self.cost_fixed = 1e-3
+        self.cost_stream = 3e-4
+        self._fit = [0.0, 0.0, 0.0, 0.0, 0.0]  # weighted n, sum b, sum b^2, sum t, sum b*t
+        self.arrival_rate = 0.0
+        """Streams' frames arriving per second (smoothed), for the batching window."""
+        self.windows = 0
+        """Ticks that waited for a batching window."""
         self._cpu = 0.0  # thread CPU time at the last publication (s)
         self._next_period = 0.0
         self._next_stats = 0.0
@@ -232,8 +323,10 @@ class EngineWorker:
         if self._thread is not None:
             raise RuntimeError("EngineWorker already started")
         self._loop = loop
+        if self.delivery.loop is None:
+            self.delivery.loop = loop
         self.heartbeat = self.clock()
-        self._thread = threading.Thread(target=self._run, name="codecstream-engine", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
         self._thread.start()
         self.metrics.engine_alive.set(1)
 
@@ -261,6 +354,7 @@ class EngineWorker:
     def add(self, job: Job) -> None:
         """Hand `job` to the worker (thread-safe)."""
         job.worker = self
+        job.home = self
         self._post(None, _Add(job))
 
     def remove(self, job: Job) -> None:
@@ -290,16 +384,24 @@ class EngineWorker:
 
     def _run(self) -> None:
         try:
+            waited = False
             while True:
-                self._gather()
                 self._wake.clear()
                 self.heartbeat = self.clock()
                 self._drain()
                 if self._stop:
                     break
-                if self._tick():
-                    continue
-                self._wake.wait(self._idle_wait())
+                if not waited and not self._backlog:
+                    wait = self._window_wait()
+                    if wait > 0:  # let other streams' frames join this step
+                        waited = True
+                        self.windows += 1
+                        time.sleep(wait)
+                        continue
+                waited = False
+                self._backlog = self._tick()
+                if not self._backlog:
+                    self._wake.wait(self._idle_wait())
         except BaseException:  # pragma: no cover - a bug in the worker itself
             log.exception("engine worker crashed")
         finally:
@@ -314,13 +416,47 @@ class EngineWorker:
                 job.emit(fatal)
             self._deliver(jobs)
 
-    def _gather(self) -> None:
-        """Batching window: let input gather until `batch_window_s` after the last tick."""
-        if self.batch_window_s <= 0 or self._stop:
-            return
-        wait = self._last_tick + self.batch_window_s - self.clock()
-        if wait > 0:
-            time.sleep(wait)
+    def _window_wait(self) -> float:
+        """Seconds to wait for more streams before the next step (0: step now).
+
+        With `due` jobs having input, the oldest of it `elapsed` s old, and streams arriving
+        at `arrival_rate` per s, waiting `w` gives a step of about `due + rate * w` streams
+        taking `cost_fixed + cost_stream * streams`; `w` is the largest wait with
+        `elapsed + w + step <= target_s`, at most `batch_window_s - elapsed`.
+        """
+        window = self.batch_window_s
+        if window <= 0 or not self._active or self._stop:
+            return 0.0
+        due = len(self._active)
+        if due >= self._stream_jobs:  # everybody is in already
+            return 0.0
+        now = self.clock()
+        if self._periodic and now >= self._next_period:
+            return 0.0
+        rate = self.arrival_rate
+        if self.cost_fixed + self.cost_stream * rate * window >= _BUSY_FRACTION * window:
+            return 0.0  # near saturation: waiting would only lose time
+        elapsed = now - self._first
+        slack = self.target_s - elapsed - self.cost_fixed - self.cost_stream * due
+        wait = min(window - elapsed, slack / (1.0 + self.cost_stream * rate))
+        return wait if wait >= _MIN_WAIT_S else 0.0
+
+    def _learn(self, streams: int, seconds: float, since_last: float) -> None:
+        """Update the tick time model with one tick of `streams` streams that took `seconds`,
+        and the arrival rate (`since_last`: s since the previous tick started)."""
+        fit = self._fit
+        b, t = float(streams), seconds
+        for i, x in enumerate((1.0, b, b * b, t, b * t)):
+            fit[i] = fit[i] * _COST_DECAY + x
+        n, sb, sbb, st, sbt = fit
+        mean_b, mean_t = sb / n, st / n
+        var_b = sbb / n - mean_b * mean_b
+        if var_b > 0.25:  # batch sizes varied enough to separate the two terms
+            self.cost_stream = min(max((sbt / n - mean_b * mean_t) / var_b, 0.0), 0.05)
+        self.cost_fixed = max(mean_t - self.cost_stream * mean_b, 0.0)
+        if since_last > 0:
+            rate = streams / since_last
+            self.arrival_rate += _RATE_ALPHA * (rate - self.arrival_rate)
 
     def _idle_wait(self) -> float:
         now = self.clock()
@@ -334,13 +470,18 @@ class EngineWorker:
         while inbox:
             job, item, now = inbox.popleft()
             if isinstance(item, _Add):
-                self._jobs[item.job] = None
-                if item.job.periodic:
-                    self._periodic[item.job] = None
+                if item.job not in self._jobs:
+                    self._jobs[item.job] = None
+                    if item.job.periodic:
+                        self._periodic[item.job] = None
+                    else:
+                        self._stream_jobs += 1
             elif isinstance(item, _Remove):
                 self._drop(item.job)
             elif job is not None and job.worker is self and not job.finished:
                 self._active[job] = None
+                if now < self._first:
+                    self._first = now
                 self._guard(job, job.on_input, item, now)
 
     def _drop(self, job: Job) -> None:
@@ -348,6 +489,8 @@ class EngineWorker:
         self._active.pop(job, None)
         if job in self._jobs:
             del self._jobs[job]
+            if not job.periodic:
+                self._stream_jobs -= 1
             self._guard(job, job.on_remove)
         job.worker = None
 
@@ -378,8 +521,10 @@ class EngineWorker:
                 self._active[job] = None
                 self._guard(job, job.on_period, now)
         active = list(self._active)
+        self._first = math.inf
         if not active:
             return False
+        since_last = now - self._last_tick if self._last_tick else 0.0
         self._last_tick = now
         for job in active:
             self._guard(job, job.feed)
@@ -392,6 +537,11 @@ class EngineWorker:
             if job.finished:
                 self._drop(job)
         self._active = {j: None for j in active if j in self._jobs and j.wants_tick()}
+        if self._active:  # frames still due: their input is older than anything new
+            self._first = now
+        end = self.clock()
+        if encoded or decoded:
+            self._learn(max(encoded, decoded), end - now, since_last)
         if now >= self._next_stats:
             self._publish_stats(now)
         if encoded or decoded or period:
@@ -407,12 +557,13 @@ class EngineWorker:
         else:
             self._next_period += self.period_s
 
-    def _encode(self, jobs: Sequence[Job]) -> bool:
+    def _encode(self, jobs: Sequence[Job]) -> int:
+        """One encoder step over the due streams of `jobs`; the number of streams."""
         due: list[tuple[Job, EncoderStream]] = [
             (job, s) for job in jobs if not job.finished for s in job.encoders() if s.pending_frames
         ]
         if not due:
-            return False
+            return 0
         streams = [s for _, s in due]
         try:
             frames = self.engine.encode_step(streams)
@@ -420,20 +571,21 @@ class EngineWorker:
             log.exception("encoder step failed")
             for job in {id(j): j for j, _ in due}.values():
                 self._fail(job, f"encoder step failed: {type(exc).__name__}")
-            return False
+            return 0
         self._observe("encode", streams, self.encode_stats)
         self._count(self.metrics.frames_encoded, [job.endpoint for job, _ in due])
         for (job, stream), frame in zip(due, frames, strict=True):
             if frame is not None and not job.finished:
                 self._guard(job, job.on_encoded, stream, frame)
-        return True
+        return len(due)
 
-    def _decode(self, jobs: Sequence[Job]) -> bool:
+    def _decode(self, jobs: Sequence[Job]) -> int:
+        """One decoder step over the due streams of `jobs`; the number of streams."""
         due: list[tuple[Job, DecoderStream]] = [
             (job, s) for job in jobs if not job.finished for s in job.decoders() if s.pending_frames
         ]
         if not due:
-            return False
+            return 0
         streams = [s for _, s in due]
         before = [s.frames_decoded for s in streams]
         try:
@@ -442,7 +594,7 @@ class EngineWorker:
             log.exception("decoder step failed")
             for job in {id(j): j for j, _ in due}.values():
                 self._fail(job, f"decoder step failed: {type(exc).__name__}")
-            return False
+            return 0
         decoded = [s for s, b in zip(streams, before, strict=True) if s.frames_decoded > b]
         self._observe("decode", decoded, self.decode_stats)
         self._count(
@@ -452,7 +604,7 @@ class EngineWorker:
         for job, stream in due:
             if not job.finished:
                 self._guard(job, job.on_decoded, stream)
-        return True
+        return len(due)
 
     @staticmethod
     def _count(counter: Any, endpoints: list[str]) -> None:
@@ -469,20 +621,22 @@ class EngineWorker:
         streams: Sequence[EncoderStream | DecoderStream],
         stats: LatencyStats,
     ) -> None:
-        """Frame counters, batch size and per-frame queue/compute histograms."""
+        """Batch size and per-frame queue/compute times of one step (one update each)."""
         if not streams:
             return
         m = self.metrics
-        m.batch_size.labels(direction).observe(len(streams))
-        queue = m.queue_seconds.labels(direction)
-        compute = m.compute_seconds.labels(direction)
+        m.batch_size.observe_repeat(direction, float(len(streams)))
+        queue: list[float] = []
+        compute = 0.0
         for stream in streams:
             record: FrameLatency | None = stream.last_latency
             if record is None:
                 continue
             stats.add(record)
-            queue.observe(max(record.start - record.ready, 0.0))
-            compute.observe(record.end - record.start)
+            queue.append(max(record.start - record.ready, 0.0))
+            compute = record.end - record.start  # the same for every frame of the step
+        m.queue_seconds.observe(direction, queue)
+        m.compute_seconds.observe_repeat(direction, compute, len(queue))
 
     def _publish_stats(self, now: float) -> None:
         self._next_stats = now + _STATS_PERIOD_S
@@ -495,23 +649,10 @@ class EngineWorker:
         }
 
     def _deliver(self, jobs: Sequence[Job]) -> None:
-        batch = [(job.sink, job.outbox) for job in jobs if job.outbox]
-        if not batch:
-            return
+        batch: list[tuple[Sink, list[Any]]] = []
         for job in jobs:
             if job.outbox:
+                batch.append((job.sink, job.outbox))
                 job.outbox = []
-        loop = self._loop
-        if loop is None or loop.is_closed():
-            return
-        with contextlib.suppress(RuntimeError):  # loop closed meanwhile (shutdown)
-            loop.call_soon_threadsafe(_dispatch, batch)
-
-
-def _dispatch(batch: list[tuple[Sink, list[Any]]]) -> None:
-    """Runs on the loop: hand each job's outputs to its sink."""
-    for sink, items in batch:
-        try:
-            sink(items)
-        except Exception:
-            log.exception("session sink failed")
+        if batch:
+            self.delivery.put(batch)

@@ -23,19 +23,25 @@ Names and labels (all counters end in `_total`; times are seconds, Prometheus st
 * `codecstream_protocol_errors_total{code}`: sessions closed on a client error, by close code
   (`4400`, `4422`, ...), and `codecstream_packet_errors_total{error}` by `ErrorCode`;
 * `codecstream_engine_ticks_total`, `codecstream_engine_cpu_seconds_total` (CPU time of the
-  engine thread, s), `codecstream_engine_alive`, `codecstream_model_info`.
+  engine threads, s, summed), `codecstream_engine_alive`, `codecstream_model_info`.
+
+The three per-frame histograms are `BatchHistogram`s: the engine updates them once per
+batched step (one lock per step instead of one per frame and histogram); they expose the
+same `_bucket` / `_sum` / `_count` series as a `prometheus_client.Histogram`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import threading
+from bisect import bisect_left
+from collections.abc import Callable, Iterable, Sequence
 from typing import Final
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-__all__ = ["Metrics", "StatsSource"]
+__all__ = ["BatchHistogram", "Metrics", "StatsSource"]
 
 _TIME_BUCKETS: Final = (
     0.0001,
@@ -81,6 +87,71 @@ class _LatencyCollector(Collector):
         return []
 
 
+class BatchHistogram(Collector):
+    """A histogram with one label, updated a batch of values at a time (thread-safe).
+
+    `observe(label, values)` and `observe_repeat(label, value, n)` take one lock for the
+    whole batch.  Exposed like a `prometheus_client.Histogram` (`_bucket{le}`, `_sum`,
+    `_count`) at scrape time.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        label: str,
+        buckets: Sequence[float],
+        registry: CollectorRegistry,
+    ) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.label = label
+        self._bounds = tuple(float(b) for b in buckets)
+        self._le = [repr(b) for b in self._bounds] + ["+Inf"]  # as prometheus_client writes them
+        self._series: dict[str, tuple[list[int], list[float]]] = {}  # counts, [sum]
+        self._lock = threading.Lock()
+        registry.register(self)
+
+    def _get(self, label: str) -> tuple[list[int], list[float]]:
+        series = self._series.get(label)
+        if series is None:
+            series = self._series[label] = ([0] * (len(self._bounds) + 1), [0.0])
+        return series
+
+    def observe(self, label: str, values: Iterable[float]) -> None:
+        """Record every value of `values` under `label`."""
+        bounds = self._bounds
+        with self._lock:
+            counts, total = self._get(label)
+            for value in values:
+                counts[bisect_left(bounds, value)] += 1
+                total[0] += value
+
+    def observe_repeat(self, label: str, value: float, n: int = 1) -> None:
+        """Record `value` `n` times under `label`."""
+        if n <= 0:
+            return
+        with self._lock:
+            counts, total = self._get(label)
+            counts[bisect_left(self._bounds, value)] += n
+            total[0] += value * n
+
+    def collect(self) -> Iterable[Metric]:
+        family = HistogramMetricFamily(self.name, self.documentation, labels=[self.label])
+        with self._lock:
+            snapshot = [(k, list(c), t[0]) for k, (c, t) in self._series.items()]
+        for label, counts, total in snapshot:
+            cumulative, buckets = 0, []
+            for le, count in zip(self._le, counts, strict=True):
+                cumulative += count
+                buckets.append((le, float(cumulative)))
+            family.add_metric([label], buckets, total)
+        yield family
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+
 class Metrics:
     """All metrics of one app; thread-safe (prometheus_client locks every update)."""
 
@@ -113,26 +184,22 @@ class Metrics:
         self.frames_dropped = Counter(
             "codecstream_frames_dropped", "Frames dropped", ["reason"], registry=r
         )
-        self.queue_seconds = Histogram(
+        self.queue_seconds = BatchHistogram(
             "codecstream_frame_queue_seconds",
             "Time from frame input complete to step start",
-            ["direction"],
-            buckets=_TIME_BUCKETS,
-            registry=r,
+            "direction",
+            _TIME_BUCKETS,
+            r,
         )
-        self.compute_seconds = Histogram(
+        self.compute_seconds = BatchHistogram(
             "codecstream_frame_compute_seconds",
             "Time of the batched step computing a frame",
-            ["direction"],
-            buckets=_TIME_BUCKETS,
-            registry=r,
+            "direction",
+            _TIME_BUCKETS,
+            r,
         )
-        self.batch_size = Histogram(
-            "codecstream_batch_size",
-            "Streams per ONNX call",
-            ["direction"],
-            buckets=_BATCH_BUCKETS,
-            registry=r,
+        self.batch_size = BatchHistogram(
+            "codecstream_batch_size", "Streams per ONNX call", "direction", _BATCH_BUCKETS, r
         )
         self.bytes_received = Counter(
             "codecstream_bytes_received", "Payload bytes received", ["endpoint"], registry=r

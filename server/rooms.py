@@ -223,7 +223,7 @@ class RoomSession(Session):
                 num_codebooks=hello.num_codebooks,
                 timestamps=hello.timestamps,
             )
-            state.worker.add(self.job)
+            state.worker.add(self.job, near=room.mixer)  # it feeds the mixer directly
         if hello.receive is Media.PCM:
             room.pcm_listeners += 1
             state.worker.submit(room.mixer, MixJoin(pid, hello.sample_rate, hello.fmt))

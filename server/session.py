@@ -254,7 +254,8 @@ class Session:
     async def _receive_loop(self) -> None:
         limit = self.settings.max_message_bytes
         while self._reading:
-            await self._wait_backlog()
+            if self._backlog_full():
+                await self._wait_backlog()
             message = await self._receive()
             data = message.get("bytes")
             if data is not None:
@@ -285,6 +286,11 @@ class Session:
                 self.outbox.put(Out(to_text(reply)), urgent=True)
             else:
                 self._on_control(control)
+
+    def _backlog_full(self) -> bool:
+        """Flow control hook: True while too much input is unanswered (then the receive
+        loop awaits `_wait_backlog` before reading on)."""
+        return False
 
     async def _wait_backlog(self) -> None:
         """Flow control hook: wait while too much input is unanswered."""
@@ -475,9 +481,11 @@ class StreamSession(Session):
             self._submit(control.packet.frame)
             self._submitted_ms += self.card.frame_ms
 
+    def _backlog_full(self) -> bool:
+        return self._submitted_ms - self._done_ms > self.settings.max_backlog_ms
+
     async def _wait_backlog(self) -> None:
-        bound = self.settings.max_backlog_ms
-        while self._submitted_ms - self._done_ms > bound and not self.closing:
+        while self._backlog_full() and not self.closing:
             self._progress.clear()
             await self._progress.wait()
 

@@ -126,6 +126,24 @@ class Settings:
             "ENGINE_THREADS", "onnxruntime intra-op threads of the engine", _positive_int
         ),
     )
+    engine_workers: int = field(
+        default=1,
+        metadata=_meta(
+            "ENGINE_WORKERS",
+            "engine threads, each stepping its share of the sessions (onnxruntime runs them "
+            "in parallel)",
+            _positive_int,
+        ),
+    )
+    switch_interval_ms: float = field(
+        default=1.0,
+        metadata=_meta(
+            "SWITCH_INTERVAL_MS",
+            "Python thread switch interval, ms (sys.setswitchinterval): how long an engine "
+            "thread back from onnxruntime may wait for the GIL while the event loop runs",
+            _positive_float,
+        ),
+    )
     api_keys: tuple[str, ...] = field(
         default=(),
         metadata=_meta("API_KEYS", "API keys, 'key' or 'key:max_sessions', comma-separated", _csv),
@@ -183,10 +201,11 @@ class Settings:
         metadata=_meta("KEEPALIVE_TIMEOUT", "seconds to wait for a pong", _positive_float),
     )
     batch_window_ms: float = field(
-        default=2.0,
+        default=6.0,
         metadata=_meta(
             "BATCH_WINDOW_MS",
-            "engine: least time between two ticks, ms, so frames due together share a step",
+            "engine: longest wait, ms, for other streams' frames to join a step (shortened "
+            "so a step ends within half a frame period of its oldest input; 0 = no wait)",
             _non_negative_float,
         ),
     )

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from server.auth import Admission
 from server.codes import CloseCode
-from server.engine_worker import EngineWorker
+from server.engine_pool import EnginePool
 from server.metrics import Metrics
 from server.settings import Settings
 from streaming.model import CodecModel
@@ -42,13 +42,13 @@ class Closable(Protocol):
 
 
 class AppState:
-    """Shared state of one app (loop-only except the worker's thread-safe API)."""
+    """Shared state of one app (loop-only except the engine pool's thread-safe API)."""
 
     def __init__(
         self,
         settings: Settings,
         model: CodecModel,
-        worker: EngineWorker,
+        worker: EnginePool,
         metrics: Metrics,
         rooms: RoomRegistry,
     ) -> None:
