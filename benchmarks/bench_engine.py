@@ -8,7 +8,11 @@ Measures, on ONE onnxruntime thread (intra- and inter-op threads = 1):
 * duplex ticks for B = 1..128 streams: every stream pushes one frame of PCM, is encoded, its
   tokens are pushed into a decoder stream, decoded and pulled.  Unbatched: each stream steps
   alone (2 ONNX calls per stream); batched: one `BatchEngine` call per direction.  A process
-  sustains B real-time duplex streams while the p99 tick fits in one frame period.
+  sustains B real-time duplex streams while the p99 tick fits in one frame period;
+* the whole machine: one engine process per CPU core, all ticking back to back at once (a
+  harsher load than real-time pacing: no idle time between ticks, shared memory bandwidth),
+  B batched streams each; the machine sustains cores x B streams while every process's p99
+  tick fits in one frame period.
 
 Writes benchmarks/results/engine.json, docs/img/engine_batching.png and the "Streaming engine"
 section of docs/benchmarks.md (between its markers; the rest of the file is kept).
@@ -168,6 +172,48 @@ def duplex_ticks(model: CodecModel, batch: int, ticks: int, batched: bool) -> di
     }
 
 
+def _machine_worker(model_dir: str | None, batch: int, ticks: int, start: Any, queue: Any) -> None:
+    """One engine process of the machine measurement: waits for the common start, then runs
+    batched duplex ticks and reports its row."""
+    model = CodecModel.load(Path(model_dir) if model_dir else None, threads=1)
+    duplex_ticks(model, batch, 3, batched=True)  # warm-up outside the measured window
+    start.wait()
+    queue.put(duplex_ticks(model, batch, ticks, batched=True))
+
+
+def machine_capacity(model_dir: Path | None, per_process: list[int], ticks: int,
+                     frame_ms: float) -> dict[str, Any]:
+    """Concurrent real-time duplex streams of the whole machine: for each B in `per_process`,
+    one process per core runs B batched streams at once; sustained while every process's
+    p99 tick fits in a frame period."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    processes_n = os.cpu_count() or 1
+    rows = []
+    for batch in per_process:
+        start, queue = ctx.Barrier(processes_n), ctx.Queue()
+        procs = [ctx.Process(target=_machine_worker,
+                             args=(str(model_dir) if model_dir else None, batch, ticks, start,
+                                   queue))
+                 for _ in range(processes_n)]
+        for proc in procs:
+            proc.start()
+        results = [queue.get() for _ in procs]
+        for proc in procs:
+            proc.join()
+        worst_p99 = max(r["tick_p99_ms"] for r in results)
+        row = {"processes": processes_n, "streams_per_process": batch,
+               "streams": processes_n * batch, "worst_tick_p99_ms": worst_p99,
+               "tick_p50_ms": float(np.median([r["tick_p50_ms"] for r in results])),
+               "realtime": worst_p99 <= frame_ms}
+        rows.append(row)
+        print(f"machine: {processes_n} x {batch} streams, worst p99 tick {worst_p99:.2f} ms",
+              flush=True)
+    sustained = max((r["streams"] for r in rows if r["realtime"]), default=0)
+    return {"rows": rows, "sustained_streams": sustained}
+
+
 def capacity(rows: list[dict[str, Any]], frame_ms: float) -> dict[str, Any]:
     """Largest swept B whose p99 tick fits a frame, and a linear extrapolation of B."""
     fitting = [r["batch"] for r in rows if r["realtime"]]
@@ -274,6 +320,7 @@ def markdown(result: dict[str, Any]) -> str:
             f"{b['per_stream_p50_ms']:.3f} ms |"
         )
     cu, cb = caps["unbatched"], caps["batched"]
+    mc_rows = result["machine_capacity"]["rows"]
 
     def cap_text(c: dict[str, Any]) -> str:
         swept = c["max_swept_realtime_streams"]
@@ -287,6 +334,13 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         f"Real-time duplex streams per process (one core): unbatched {cap_text(cu)}; "
         f"batched {cap_text(cb)}.",
+        "",
+        f"The whole machine ({mc_rows[0]['processes']} engine processes, one per core, all "
+        "ticking back to back at once, B batched streams each): "
+        + ", ".join(f"{r['streams']} streams: worst p99 tick {r['worst_tick_p99_ms']:.1f} ms"
+                    for r in mc_rows)
+        + f"; **{result['machine_capacity']['sustained_streams']} concurrent real-time duplex "
+        "streams sustained**.",
         "",
         "A real server also spends time on the network, packets and jitter buffers: keep "
         "headroom below these figures.",
@@ -374,6 +428,9 @@ def main(argv: list[str] | None = None) -> int:
     result["capacity"] = {
         key: capacity(rows, card.frame_ms) for key, rows in result["duplex"].items()
     }
+    machine_sizes = [32, 50] if args.quick else [32, 40, 48, 50, 56, 64]
+    result["machine_capacity"] = machine_capacity(args.model, machine_sizes,
+                                                  ticks, card.frame_ms)
     result["elapsed_s"] = time.perf_counter() - started
 
     args.out.parent.mkdir(parents=True, exist_ok=True)

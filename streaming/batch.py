@@ -20,6 +20,7 @@ frame's compute time, and the stream's `ready` time to the start is its queueing
 from __future__ import annotations
 
 import itertools
+import math
 import time
 from collections.abc import Sequence
 from typing import Any, TypeAlias
@@ -28,7 +29,7 @@ import numpy as np
 import numpy.typing as npt
 
 from streaming.latency import Histogram
-from streaming.model import CodecModel, ModelCard, StateSpec
+from streaming.model import CodecModel, ModelCard, PreparedStep, StateSpec
 from streaming.protocol import TokenFrame
 from streaming.stream import Clock, DecoderStream, EncoderStream
 
@@ -45,17 +46,62 @@ def _state_buffers(specs: Sequence[StateSpec], capacity: int) -> tuple[F32, ...]
     return tuple(np.zeros((capacity, *s.shape), dtype=np.float32) for s in specs)
 
 
+class _PackedStates:
+    """A batch's states both ways: `packed` [capacity, total] holds each stream's flat state
+    in one row (one copy per stream, see `GraphState.flat`), `tensors` the per-state arrays
+    [capacity, *shape] the graph binds; `unpack` / `pack` move the first B rows between them
+    with one copy per state tensor, whatever B is."""
+
+    def __init__(self, specs: Sequence[StateSpec], capacity: int) -> None:
+        self.tensors = _state_buffers(specs, capacity)
+        total = sum(math.prod(s.shape) for s in specs)
+        self.packed: F32 = np.zeros((capacity, total), dtype=np.float32)
+        bounds = np.cumsum([0] + [math.prod(s.shape) for s in specs]).tolist()
+        self._columns = [
+            (self.packed[:, lo:hi], t.reshape(capacity, hi - lo))
+            for lo, hi, t in zip(bounds[:-1], bounds[1:], self.tensors, strict=True)
+        ]
+
+    def unpack(self, batch: int) -> None:
+        """packed[:batch] -> tensors[:batch]."""
+        for columns, flat in self._columns:
+            np.copyto(flat[:batch], columns[:batch])
+
+    def pack(self, batch: int) -> None:
+        """tensors[:batch] -> packed[:batch]."""
+        for columns, flat in self._columns:
+            np.copyto(columns[:batch], flat[:batch])
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.packed.nbytes + sum(t.nbytes for t in self.tensors))
+
+
 class _EncoderBuffers:
     """Encoder step I/O for up to `capacity` streams."""
 
     def __init__(self, card: ModelCard, capacity: int) -> None:
         self.capacity = capacity
         self.pcm: F32 = np.zeros((capacity, card.frame_size), dtype=np.float32)
-        self.states_in = _state_buffers(card.encoder.states, capacity)
-        self.states_out = _state_buffers(card.encoder.states, capacity)
+        self.states_in = _PackedStates(card.encoder.states, capacity)
+        self.states_out = _PackedStates(card.encoder.states, capacity)
         self.codes: I64 = np.zeros((capacity, card.num_codebooks), dtype=np.int64)
         self.gain: I64 = np.zeros(capacity, dtype=np.int64)
         self.ready: F64 = np.zeros(capacity, dtype=np.float64)
+        self._steps: dict[int, PreparedStep] = {}
+
+    def step(self, model: CodecModel, batch: int) -> PreparedStep:
+        """The encoder step on the first `batch` rows (bound once per batch size)."""
+        step = self._steps.get(batch)
+        if step is None:
+            step = self._steps[batch] = model.prepare_encoder_step(
+                self.pcm[:batch],
+                [a[:batch] for a in self.states_in.tensors],
+                self.codes[:batch],
+                self.gain[:batch],
+                [a[:batch] for a in self.states_out.tensors],
+            )
+        return step
 
     @property
     def nbytes(self) -> int:
@@ -64,10 +110,9 @@ class _EncoderBuffers:
             self.codes,
             self.gain,
             self.ready,
-            *self.states_in,
-            *self.states_out,
         ]
-        return int(sum(a.nbytes for a in arrays))
+        states = self.states_in.nbytes + self.states_out.nbytes
+        return int(sum(a.nbytes for a in arrays)) + states
 
 
 class _DecoderBuffers:
@@ -78,10 +123,25 @@ class _DecoderBuffers:
         self.codes: I64 = np.zeros((capacity, card.num_codebooks), dtype=np.int64)
         self.counts: I64 = np.ones(capacity, dtype=np.int64)
         self.gain: I64 = np.zeros(capacity, dtype=np.int64)
-        self.states_in = _state_buffers(card.decoder.states, capacity)
-        self.states_out = _state_buffers(card.decoder.states, capacity)
+        self.states_in = _PackedStates(card.decoder.states, capacity)
+        self.states_out = _PackedStates(card.decoder.states, capacity)
         self.pcm: F32 = np.zeros((capacity, card.frame_size), dtype=np.float32)
         self.ready: F64 = np.zeros(capacity, dtype=np.float64)
+        self._steps: dict[int, PreparedStep] = {}
+
+    def step(self, model: CodecModel, batch: int) -> PreparedStep:
+        """The decoder step on the first `batch` rows (bound once per batch size)."""
+        step = self._steps.get(batch)
+        if step is None:
+            step = self._steps[batch] = model.prepare_decoder_step(
+                self.codes[:batch],
+                self.counts[:batch],
+                self.gain[:batch],
+                [a[:batch] for a in self.states_in.tensors],
+                self.pcm[:batch],
+                [a[:batch] for a in self.states_out.tensors],
+            )
+        return step
 
     @property
     def nbytes(self) -> int:
@@ -91,10 +151,9 @@ class _DecoderBuffers:
             self.counts,
             self.gain,
             self.ready,
-            *self.states_in,
-            *self.states_out,
         ]
-        return int(sum(a.nbytes for a in arrays))
+        states = self.states_in.nbytes + self.states_out.nbytes
+        return int(sum(a.nbytes for a in arrays)) + states
 
 
 class BatchEngine:
@@ -179,18 +238,13 @@ class BatchEngine:
         for row, i in enumerate(due):
             stream = streams[i]
             buf.ready[row] = stream._take_frame(buf.pcm[row])
-            stream.state.gather_into(buf.states_in, row)
-        self.model.encoder_step(
-            buf.pcm[:b],
-            [a[:b] for a in buf.states_in],
-            buf.codes[:b],
-            buf.gain[:b],
-            [a[:b] for a in buf.states_out],
-            check=False,
-        )
+            stream.state.gather_into(buf.states_in.packed, row)
+        buf.states_in.unpack(b)
+        buf.step(self.model, b).run()
+        buf.states_out.pack(b)
         gains = buf.gain[:b].tolist()
         for row, i in enumerate(due):
-            streams[i].state.scatter_from(buf.states_out, row)
+            streams[i].state.scatter_from(buf.states_out.packed, row)
         end = self.clock()
         for row, i in enumerate(due):
             results[i] = streams[i]._finish_frame(
@@ -239,18 +293,12 @@ class BatchEngine:
         for row, i in enumerate(due):
             stream = streams[i]
             buf.ready[row] = stream._take_frame(buf.codes[row], buf.counts, buf.gain, row)
-            stream.state.gather_into(buf.states_in, row)
-        self.model.decoder_step(
-            buf.codes[:b],
-            buf.counts[:b],
-            buf.gain[:b],
-            [a[:b] for a in buf.states_in],
-            buf.pcm[:b],
-            [a[:b] for a in buf.states_out],
-            check=False,
-        )
+            stream.state.gather_into(buf.states_in.packed, row)
+        buf.states_in.unpack(b)
+        buf.step(self.model, b).run()
+        buf.states_out.pack(b)
         for row, i in enumerate(due):
-            streams[i].state.scatter_from(buf.states_out, row)
+            streams[i].state.scatter_from(buf.states_out.packed, row)
         end = self.clock()
         for row, i in enumerate(due):
             streams[i]._finish_frame(buf.pcm[row], float(buf.ready[row]), start, end, b)

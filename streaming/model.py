@@ -42,6 +42,7 @@ __all__ = [
     "GraphState",
     "ModelCard",
     "ModelError",
+    "PreparedStep",
     "StateSpec",
     "default_model_dir",
 ]
@@ -411,20 +412,25 @@ class GraphState:
 
     For each `StateSpec` of the card a float32 array [1, *shape] (the leading 1 is the batch
     dimension, so the arrays bind directly to a B=1 step), double-buffered: `arrays` is the
-    current state, `spare` the buffer the next step writes; `swap()` exchanges them.  All
+    current state, `spare` the buffer the next step writes; `swap()` exchanges them.  Each
+    buffer set is one contiguous row of `flat` ([2, total] float32, the arrays are views in
+    card order), so the batch engine moves a stream's whole state with one copy.  All
     memory is allocated once; `reset()` zeroes it (the initial state of every stream is all
     zeros).  `steps` counts the frames processed since creation or the last reset.
     """
 
-    __slots__ = ("_cur", "_spare", "specs", "steps")
+    __slots__ = ("_cur", "_spare", "flat", "parity", "specs", "steps")
 
     def __init__(self, specs: Sequence[StateSpec]) -> None:
         self.specs: tuple[StateSpec, ...] = tuple(specs)
-        self._cur: tuple[F32, ...] = tuple(
-            np.zeros((1, *s.shape), dtype=np.float32) for s in self.specs
-        )
-        self._spare: tuple[F32, ...] = tuple(np.zeros_like(a) for a in self._cur)
+        total = sum(math.prod(s.shape) for s in self.specs)
+        self.flat: F32 = np.zeros((2, total), dtype=np.float32)
+        """Both buffer sets, [2, total]; row `parity` is the current state."""
+        self._cur = _views(self.flat[0], self.specs)
+        self._spare = _views(self.flat[1], self.specs)
         self.steps = 0
+        self.parity = 0
+        """Which of the two buffer sets is current (row of `flat`); flips on swap."""
 
     @property
     def arrays(self) -> tuple[F32, ...]:
@@ -436,9 +442,16 @@ class GraphState:
         """The other buffer set, written by the next unbatched step."""
         return self._spare
 
+    @property
+    def current(self) -> F32:
+        """The current state as one flat vector [total] (a view; card order)."""
+        row: F32 = self.flat[self.parity]
+        return row
+
     def swap(self) -> None:
         """Make `spare` current (after a step wrote it) and count the step."""
         self._cur, self._spare = self._spare, self._cur
+        self.parity ^= 1
         self.steps += 1
 
     def get(self, name: str) -> F32:
@@ -449,34 +462,40 @@ class GraphState:
                 return view
         raise KeyError(name)
 
-    def gather_into(self, batch: Sequence[F32], row: int) -> None:
-        """Copy the current state into row `row` of batch arrays [B, *shape]."""
-        for dst, src in zip(batch, self._cur, strict=True):
-            np.copyto(dst[row], src[0])
+    def gather_into(self, packed: F32, row: int) -> None:
+        """Copy the current state into row `row` of a packed batch [B, total]."""
+        np.copyto(packed[row], self.flat[self.parity])
 
-    def scatter_from(self, batch: Sequence[F32], row: int) -> None:
-        """Take row `row` of batch arrays [B, *shape] as the new state and count the step."""
-        for dst, src in zip(self._cur, batch, strict=True):
-            np.copyto(dst[0], src[row])
+    def scatter_from(self, packed: F32, row: int) -> None:
+        """Take row `row` of a packed batch [B, total] as the new state; count the step."""
+        np.copyto(self.flat[self.parity], packed[row])
         self.steps += 1
 
     def reset(self) -> None:
         """Back to the initial (all-zero) state."""
-        for arr in self._cur:
-            arr.fill(0.0)
-        for arr in self._spare:
-            arr.fill(0.0)
+        self.flat.fill(0.0)
         self.steps = 0
 
     @property
     def state_nbytes(self) -> int:
         """Bytes of one copy of the state (what a stream's recurrent state weighs)."""
-        return sum(int(a.nbytes) for a in self._cur)
+        return int(self.flat[0].nbytes)
 
     @property
     def nbytes(self) -> int:
         """Bytes allocated (both buffers)."""
-        return 2 * self.state_nbytes
+        return int(self.flat.nbytes)
+
+
+def _views(row: F32, specs: Sequence[StateSpec]) -> tuple[F32, ...]:
+    """Per-state views [1, *shape] of one flat state vector, in card order."""
+    views: list[F32] = []
+    offset = 0
+    for spec in specs:
+        size = math.prod(spec.shape)
+        views.append(row[offset : offset + size].reshape(1, *spec.shape))
+        offset += size
+    return tuple(views)
 
 
 class EncoderState(GraphState):
@@ -593,18 +612,44 @@ class _Graph:
         value = meta.get(CARD_METADATA_KEY)
         return value if isinstance(value, str) else None
 
-    def run(self, inputs: Sequence[np.ndarray], outputs: Sequence[np.ndarray]) -> None:
-        """One step: `inputs` / `outputs` in the order of `self.inputs` / `self.outputs`.
-
-        Arrays must be C-contiguous with the tensor's dtype and shape [B, *shape] (same B for
-        all); outputs are written in place.  No output may overlap an input.
-        """
+    def bind(self, inputs: Sequence[np.ndarray], outputs: Sequence[np.ndarray]) -> ort.IOBinding:
+        """An IOBinding of `inputs` / `outputs` (in the order of `self.inputs` /
+        `self.outputs`) by pointer: C-contiguous arrays of the tensor's dtype and shape
+        [B, *shape] (same B for all); outputs are written in place, none overlapping an
+        input.  The binding stays valid while the arrays live."""
         binding = self.session.io_binding()
         for t, arr in zip(self.inputs, inputs, strict=True):
             binding.bind_input(t.name, "cpu", 0, arr.dtype, arr.shape, arr.ctypes.data)
         for t, arr in zip(self.outputs, outputs, strict=True):
             binding.bind_output(t.name, "cpu", 0, arr.dtype, arr.shape, arr.ctypes.data)
-        self.session.run_with_iobinding(binding)
+        return binding
+
+    def run(self, inputs: Sequence[np.ndarray], outputs: Sequence[np.ndarray]) -> None:
+        """One step on arrays bound for this call only (see `bind`)."""
+        self.session.run_with_iobinding(self.bind(inputs, outputs))
+
+
+class PreparedStep:
+    """One graph step bound once to fixed arrays: every `run()` reuses the same onnxruntime
+    IOBinding, so a step costs no binding work (about 20 tensors per call otherwise).
+
+    Holds references to its arrays (the binding points into them); the owner changes their
+    contents between runs.  Build with `CodecModel.prepare_encoder_step` /
+    `prepare_decoder_step`, which check the arrays once.
+    """
+
+    __slots__ = ("_arrays", "_binding", "_session")
+
+    def __init__(
+        self, graph: _Graph, inputs: Sequence[np.ndarray], outputs: Sequence[np.ndarray]
+    ) -> None:
+        self._arrays = (tuple(inputs), tuple(outputs))
+        self._binding = graph.bind(inputs, outputs)
+        self._session = graph.session
+
+    def run(self) -> None:
+        """Run the step: read the bound inputs, write the bound outputs in place."""
+        self._session.run_with_iobinding(self._binding)
 
 
 def _check_arrays(
@@ -759,6 +804,41 @@ class CodecModel:
             _check_arrays("decoder_step outputs", self._decoder.outputs, outputs, batch)
             _check_no_overlap(inputs, outputs)
         self._decoder.run(inputs, outputs)
+
+    def prepare_encoder_step(
+        self,
+        pcm: F32,
+        states_in: Sequence[F32],
+        codes: I64,
+        gain_index: I64,
+        states_out: Sequence[F32],
+    ) -> PreparedStep:
+        """`encoder_step` on these arrays, checked and bound once: `.run()` repeats it."""
+        inputs: list[npt.NDArray[Any]] = [pcm, *states_in]
+        outputs: list[npt.NDArray[Any]] = [codes, gain_index, *states_out]
+        batch = pcm.shape[0]
+        _check_arrays("encoder step inputs", self._encoder.inputs, inputs, batch)
+        _check_arrays("encoder step outputs", self._encoder.outputs, outputs, batch)
+        _check_no_overlap(inputs, outputs)
+        return PreparedStep(self._encoder, inputs, outputs)
+
+    def prepare_decoder_step(
+        self,
+        codes: I64,
+        num_codebooks: I64,
+        gain_index: I64,
+        states_in: Sequence[F32],
+        pcm: F32,
+        states_out: Sequence[F32],
+    ) -> PreparedStep:
+        """`decoder_step` on these arrays, checked and bound once: `.run()` repeats it."""
+        inputs: list[npt.NDArray[Any]] = [codes, num_codebooks, gain_index, *states_in]
+        outputs: list[npt.NDArray[Any]] = [pcm, *states_out]
+        batch = codes.shape[0]
+        _check_arrays("decoder step inputs", self._decoder.inputs, inputs, batch)
+        _check_arrays("decoder step outputs", self._decoder.outputs, outputs, batch)
+        _check_no_overlap(inputs, outputs)
+        return PreparedStep(self._decoder, inputs, outputs)
 
     def __repr__(self) -> str:
         return f"CodecModel({self.card.model_id!r}, path={str(self.path)!r})"

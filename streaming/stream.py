@@ -32,7 +32,7 @@ import numpy.typing as npt
 
 from streaming.framing import InputFramer, OutputFramer, PcmInput, SampleFormat
 from streaming.latency import FrameLatency, LatencyStats
-from streaming.model import CodecModel, DecoderState, EncoderState, ModelCard
+from streaming.model import CodecModel, DecoderState, EncoderState, ModelCard, PreparedStep
 from streaming.protocol import TokenFrame
 
 __all__ = ["Clock", "DecoderStream", "EncoderStream", "StreamOverflowError"]
@@ -135,6 +135,7 @@ class EncoderStream:
         self._pcm: F32 = np.zeros((1, card.frame_size), dtype=np.float32)
         self._codes: I64 = np.zeros((1, card.num_codebooks), dtype=np.int64)
         self._gain: I64 = np.zeros(1, dtype=np.int64)
+        self._steps: tuple[PreparedStep, PreparedStep] | None = None  # built on first step()
         self._ready = _TimeQueue(self.framer.ring.capacity // card.frame_size + 1)
         self._algorithmic_ms = card.frame_ms + self.framer.delay_ms
         self.frames_encoded = 0
@@ -229,15 +230,27 @@ class EncoderStream:
             self._ready.push(self.clock() if now is None else now, after - before)
         return after
 
+    def _prepared_step(self) -> PreparedStep:
+        """The unbatched step from the current state buffer set into the other one (two
+        bindings, built once: state in A -> out B, and B -> A)."""
+        if self._steps is None:
+            a, b = self.state.arrays, self.state.spare
+            if self.state.parity:
+                a, b = b, a
+            prepare = self.model.prepare_encoder_step
+            self._steps = (
+                prepare(self._pcm, a, self._codes, self._gain, b),
+                prepare(self._pcm, b, self._codes, self._gain, a),
+            )
+        return self._steps[self.state.parity]
+
     def step(self) -> TokenFrame | None:
         """Encode the next waiting frame alone (one ONNX call, batch 1); None if none waits."""
         if self.framer.frames_ready == 0:
             return None
         ready = self._take_frame(self._pcm[0])
         start = self.clock()
-        self.model.encoder_step(
-            self._pcm, self.state.arrays, self._codes, self._gain, self.state.spare, check=False
-        )
+        self._prepared_step().run()
         self.state.swap()
         end = self.clock()
         return self._finish_frame(self._codes[0], int(self._gain[0]), ready, start, end, 1)
@@ -351,6 +364,7 @@ class DecoderStream:
         self._count: I64 = np.ones(1, dtype=np.int64)
         self._gain: I64 = np.zeros(1, dtype=np.int64)
         self._pcm: F32 = np.zeros((1, card.frame_size), dtype=np.float32)
+        self._steps: tuple[PreparedStep, PreparedStep] | None = None  # built on first step()
         self._silence: F32 = np.zeros(card.frame_size, dtype=np.float32)
         self._algorithmic_ms = card.output_delay_ms + self.framer.delay_ms
         self._max_gain = 1 << card.gain.bits
@@ -466,6 +480,21 @@ class DecoderStream:
 
     # ---- decoding -------------------------------------------------------------------------
 
+    def _prepared_step(self) -> PreparedStep:
+        """The unbatched step from the current state buffer set into the other one (two
+        bindings, built once: state in A -> out B, and B -> A)."""
+        if self._steps is None:
+            a, b = self.state.arrays, self.state.spare
+            if self.state.parity:
+                a, b = b, a
+            prepare = self.model.prepare_decoder_step
+            codes, count, gain, pcm = self._codes, self._count, self._gain, self._pcm
+            self._steps = (
+                prepare(codes, count, gain, a, pcm, b),
+                prepare(codes, count, gain, b, pcm, a),
+            )
+        return self._steps[self.state.parity]
+
     def step(self) -> bool:
         """Decode the next waiting frame alone (one ONNX call, batch 1) into the output
         buffer; False if nothing waits."""
@@ -476,15 +505,7 @@ class DecoderStream:
             return True
         ready = self._take_frame(self._codes[0], self._count, self._gain, 0)
         start = self.clock()
-        self.model.decoder_step(
-            self._codes,
-            self._count,
-            self._gain,
-            self.state.arrays,
-            self._pcm,
-            self.state.spare,
-            check=False,
-        )
+        self._prepared_step().run()
         self.state.swap()
         end = self.clock()
         self._finish_frame(self._pcm[0], ready, start, end, 1)

@@ -111,7 +111,7 @@ def test_set_bitrate_picks_the_codebook_count_from_the_card(model: CodecModel) -
 def test_reset_gives_a_fresh_encoder(model: CodecModel) -> None:
     a, b = speech(24000, 0.4, seed=1), speech(24000, 0.4, seed=2)
     enc = EncoderStream(model, rate=24000, num_codebooks=4)
-    enc.encode(a[:7000])  # leaves a partial frame and resampler history behind
+    enc.encode(a[:7500])  # an odd number of frames (state buffers swapped), a partial frame
     enc.set_num_codebooks(9)
     enc.reset()
     assert enc.pending_frames == 0 and enc.frames_encoded == 0 and enc.num_codebooks == 4
