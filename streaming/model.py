@@ -669,6 +669,16 @@ def _check_arrays(
             )
 
 
+def _check_step(
+    what: str, graph: _Graph, inputs: Sequence[np.ndarray], outputs: Sequence[np.ndarray]
+) -> None:
+    """Dtypes, shapes [B, *shape] (B from the first input), contiguity, no overlap."""
+    batch = inputs[0].shape[0]
+    _check_arrays(f"{what} inputs", graph.inputs, inputs, batch)
+    _check_arrays(f"{what} outputs", graph.outputs, outputs, batch)
+    _check_no_overlap(inputs, outputs)
+
+
 def _check_no_overlap(inputs: Sequence[np.ndarray], outputs: Sequence[np.ndarray]) -> None:
     for out in outputs:
         for arr in inputs:
@@ -768,10 +778,7 @@ class CodecModel:
         inputs: list[npt.NDArray[Any]] = [pcm, *states_in]
         outputs: list[npt.NDArray[Any]] = [codes, gain_index, *states_out]
         if check:
-            batch = pcm.shape[0]
-            _check_arrays("encoder_step inputs", self._encoder.inputs, inputs, batch)
-            _check_arrays("encoder_step outputs", self._encoder.outputs, outputs, batch)
-            _check_no_overlap(inputs, outputs)
+            _check_step("encoder_step", self._encoder, inputs, outputs)
         self._encoder.run(inputs, outputs)
 
     def decoder_step(
@@ -799,10 +806,7 @@ class CodecModel:
         inputs: list[npt.NDArray[Any]] = [codes, num_codebooks, gain_index, *states_in]
         outputs: list[npt.NDArray[Any]] = [pcm, *states_out]
         if check:
-            batch = codes.shape[0]
-            _check_arrays("decoder_step inputs", self._decoder.inputs, inputs, batch)
-            _check_arrays("decoder_step outputs", self._decoder.outputs, outputs, batch)
-            _check_no_overlap(inputs, outputs)
+            _check_step("decoder_step", self._decoder, inputs, outputs)
         self._decoder.run(inputs, outputs)
 
     def prepare_encoder_step(
@@ -816,10 +820,7 @@ class CodecModel:
         """`encoder_step` on these arrays, checked and bound once: `.run()` repeats it."""
         inputs: list[npt.NDArray[Any]] = [pcm, *states_in]
         outputs: list[npt.NDArray[Any]] = [codes, gain_index, *states_out]
-        batch = pcm.shape[0]
-        _check_arrays("encoder step inputs", self._encoder.inputs, inputs, batch)
-        _check_arrays("encoder step outputs", self._encoder.outputs, outputs, batch)
-        _check_no_overlap(inputs, outputs)
+        _check_step("encoder step", self._encoder, inputs, outputs)
         return PreparedStep(self._encoder, inputs, outputs)
 
     def prepare_decoder_step(
@@ -834,10 +835,7 @@ class CodecModel:
         """`decoder_step` on these arrays, checked and bound once: `.run()` repeats it."""
         inputs: list[npt.NDArray[Any]] = [codes, num_codebooks, gain_index, *states_in]
         outputs: list[npt.NDArray[Any]] = [pcm, *states_out]
-        batch = codes.shape[0]
-        _check_arrays("decoder step inputs", self._decoder.inputs, inputs, batch)
-        _check_arrays("decoder step outputs", self._decoder.outputs, outputs, batch)
-        _check_no_overlap(inputs, outputs)
+        _check_step("decoder step", self._decoder, inputs, outputs)
         return PreparedStep(self._decoder, inputs, outputs)
 
     def __repr__(self) -> str:

@@ -32,7 +32,14 @@ import numpy.typing as npt
 
 from streaming.framing import InputFramer, OutputFramer, PcmInput, SampleFormat
 from streaming.latency import FrameLatency, LatencyStats
-from streaming.model import CodecModel, DecoderState, EncoderState, ModelCard, PreparedStep
+from streaming.model import (
+    CodecModel,
+    DecoderState,
+    EncoderState,
+    GraphState,
+    ModelCard,
+    PreparedStep,
+)
 from streaming.protocol import TokenFrame
 
 __all__ = ["Clock", "DecoderStream", "EncoderStream", "StreamOverflowError"]
@@ -46,6 +53,15 @@ Clock: TypeAlias = Callable[[], float]
 
 class StreamOverflowError(RuntimeError):
     """Raised by `DecoderStream.push(..., strict=True)` when its frame queue is full."""
+
+
+def _both_ways(
+    state: GraphState, prepare: Callable[[tuple[F32, ...], tuple[F32, ...]], PreparedStep]
+) -> tuple[PreparedStep, PreparedStep]:
+    """The two unbatched steps of a double-buffered state, indexed by `state.parity`:
+    (first buffer set -> second, second -> first)."""
+    first, second = (state.spare, state.arrays) if state.parity else (state.arrays, state.spare)
+    return prepare(first, second), prepare(second, first)
 
 
 class _TimeQueue:
@@ -234,13 +250,10 @@ class EncoderStream:
         """The unbatched step from the current state buffer set into the other one (two
         bindings, built once: state in A -> out B, and B -> A)."""
         if self._steps is None:
-            a, b = self.state.arrays, self.state.spare
-            if self.state.parity:
-                a, b = b, a
-            prepare = self.model.prepare_encoder_step
-            self._steps = (
-                prepare(self._pcm, a, self._codes, self._gain, b),
-                prepare(self._pcm, b, self._codes, self._gain, a),
+            pcm, codes, gain = self._pcm, self._codes, self._gain
+            self._steps = _both_ways(
+                self.state,
+                lambda i, o: self.model.prepare_encoder_step(pcm, i, codes, gain, o),
             )
         return self._steps[self.state.parity]
 
@@ -484,14 +497,10 @@ class DecoderStream:
         """The unbatched step from the current state buffer set into the other one (two
         bindings, built once: state in A -> out B, and B -> A)."""
         if self._steps is None:
-            a, b = self.state.arrays, self.state.spare
-            if self.state.parity:
-                a, b = b, a
-            prepare = self.model.prepare_decoder_step
             codes, count, gain, pcm = self._codes, self._count, self._gain, self._pcm
-            self._steps = (
-                prepare(codes, count, gain, a, pcm, b),
-                prepare(codes, count, gain, b, pcm, a),
+            self._steps = _both_ways(
+                self.state,
+                lambda i, o: self.model.prepare_decoder_step(codes, count, gain, i, pcm, o),
             )
         return self._steps[self.state.parity]
 
