@@ -920,6 +920,39 @@ def machine() -> dict[str, Any]:
     return {"platform": platform.platform(), "cpu": cpu, "cores": os.cpu_count()}
 
 
+LEVELS_DB = (-12.0, -6.0, 0.0, 6.0, 12.0)
+"""Input level offsets of the level sweep (shape-gain: quality should not depend on them)."""
+LEVEL_CLIPS = 8
+"""Clips of the level sweep (the first ones of the selection)."""
+
+
+def level_sweep(codec: OursCodec, clips: dict[str, F32], bar: Any) -> list[dict[str, Any]]:
+    """Our codec on each clip scaled by each of LEVELS_DB (clipped to 16-bit full scale),
+    scored against the equally scaled input: PESQ-WB, STOI and the mean gain index."""
+    rows = []
+    for offset in LEVELS_DB:
+        scale = float(10.0 ** (offset / 20.0))
+        pesq_values, stoi_values, gains, clipped = [], [], [], 0
+        for x in clips.values():
+            scaled = to_pcm16(np.clip(x * scale, -1.0, 32767 / 32768))
+            clipped += int(np.count_nonzero(np.abs(x * scale) >= 1.0))
+            coded = codec.roundtrip(scaled)
+            y = to_pcm16(coded.y)
+            pesq_values.append(pesq_wb(scaled, y))
+            stoi_values.append(stoi(scaled, y))
+            if coded.gains is not None:
+                gains.append(float(np.mean(coded.gains)))
+            bar.update(1)
+        rows.append({
+            "offset_db": offset,
+            "pesq_wb": nanmean(pesq_values),
+            "stoi": nanmean(stoi_values),
+            "mean_gain_index": nanmean(gains),
+            "clipped_samples": clipped,
+        })
+    return rows
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from tqdm import tqdm
 
@@ -957,6 +990,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     **codebook_usage(np.concatenate(first), codec.card.codebook_size),
                 }
 
+        sweep_codec = next(
+            (c for c in codecs if isinstance(c, OursCodec) and c.nominal_kbps == USAGE_KBPS),
+            None,
+        )
+        levels: dict[str, Any] | None = None
+        if sweep_codec is not None and not args.no_levels:
+            sweep_clips = dict(list(clips.items())[:LEVEL_CLIPS])
+            bar.total += len(LEVELS_DB) * len(sweep_clips)
+            bar.set_description(f"{sweep_codec.label} levels", refresh=False)
+            levels = {"label": sweep_codec.label, "clips": len(sweep_clips),
+                      "rows": level_sweep(sweep_codec, sweep_clips, bar)}
+
     model_info: dict[str, Any] | None = None
     if model is not None:
         card = model.card
@@ -985,6 +1030,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "skipped": skipped,
         "results": entries,
         "codebook_usage": usage,
+        "levels": levels,
     }
 
 
@@ -1292,6 +1338,22 @@ def render_section(report: dict[str, Any], images: dict[str, str]) -> str:
             lines.append(f"| {i + 1} | {h:.2f} | {p:.0f} | {u:.3f} |")
         lines += ["", f"![codebook usage]({images['usage']})"]
 
+    levels = report.get("levels")
+    if levels:
+        lines += [
+            f"Input level sweep ({levels['label']}, first {levels['clips']} clips scaled by "
+            "the offset, scored against the equally scaled input; shape-gain coding should "
+            "make quality independent of level):",
+            "",
+            "| input level | PESQ-WB | STOI | mean gain index | clipped samples |",
+            "|---|---|---|---|---|",
+        ]
+        for row in levels["rows"]:
+            lines.append(
+                f"| {row['offset_db']:+.0f} dB | {_f(row['pesq_wb'])} | {_f(row['stoi'], 3)} "
+                f"| {_f(row['mean_gain_index'], 1)} | {row['clipped_samples']} |"
+            )
+        lines.append("")
     lines += [
         "",
         "### Method",
@@ -1407,6 +1469,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--img", type=Path, default=IMG, help="folder of the PNGs")
     p.add_argument("--no-docs", action="store_true", help="write the JSON only")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    p.add_argument("--no-levels", action="store_true", help="skip the input level sweep")
     p.add_argument(
         "--docs-only",
         action="store_true",

@@ -1,7 +1,7 @@
 """Server benchmark: how many concurrent real-time round-trip sessions one server sustains.
 
 Starts `codec-server` (python -m server, bundled model, default settings but the session
-limit) in a subprocess on a free loopback port, then, for N = 10, 25, 50, 100, 150, ...
+limit) in a subprocess on a free loopback port, then, for N = 10, 20, 30, 40, 50, 75, 100, 150
 concurrent WebSocket clients on /v1/roundtrip, each streams a real speech clip
 (../shared/data/dev) in 20 ms PCM chunks at real time (phases spread over the frame period)
 and measures, per frame, the round-trip latency: from handing chunk k to the socket to
@@ -57,7 +57,7 @@ SECTION_BEGIN = "<!-- bench_server:begin -->"
 SECTION_END = "<!-- bench_server:end -->"
 FRAME_S = 0.02
 CHUNK = 320  # samples per 20 ms at 16 kHz
-LEVELS = (10, 25, 50, 100, 150, 200, 250)
+LEVELS = (10, 20, 30, 40, 50, 75, 100, 150)
 QUICK_LEVELS = (10, 25, 50)
 WARMUP_S = 0.5
 

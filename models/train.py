@@ -47,6 +47,8 @@ class TrainConfig:
     weight_convergence: float = 1.0
     weight_commit: float = 0.25
     weight_mdct: float = 0.2
+    weight_lowband: float = 0.0
+    lowband_hz: float = 1500.0
     weight_pitch: float = 1.0
     teacher_pitch_prob: float = 0.5
     weight_adv: float = 0.0
@@ -89,13 +91,22 @@ def pitch_losses(out: CodecOutput) -> tuple[torch.Tensor, torch.Tensor]:
     return pitch, voicing
 
 
-def mdct_loss(model: CausalCodec, decoded: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def mdct_loss(model: CausalCodec, decoded: torch.Tensor, target: torch.Tensor,
+              max_hz: float | None = None) -> torch.Tensor:
     """Sign-aware L1 between power-law compressed MDCT shapes (both divided by the target's
-    frame gain); frames [B, T, N] of PCM [B, S], the last (incomplete) frame left out."""
+    frame gain); frames [B, T, N] of PCM [B, S], the last (incomplete) frame left out.
+
+    A waveform-matching term: magnitude losses leave the MDCT signs free, and with random
+    signs even exact magnitudes score PESQ-WB ~1.4 (exact signs below 1 kHz alone: ~3.3).
+    ``max_hz`` restricts it to the bins below that frequency (the gain stays the frame's).
+    """
     n, overlap = model.config.frame_size, model.config.overlap
     ref = frame_spans(target, n, overlap)[:, :-1] @ model.analysis.T
     est = frame_spans(decoded, n, overlap)[:, :-1] @ model.analysis.T
     gain = model.gain_value(model.gain_index(ref))
+    if max_hz is not None:
+        bins = max(1, int(max_hz / (model.config.sample_rate / 2) * n))
+        ref, est = ref[..., :bins], est[..., :bins]
 
     def compress(coeffs: torch.Tensor) -> torch.Tensor:
         shape = coeffs / gain
@@ -163,6 +174,9 @@ class Trainer:
         if config.weight_mdct > 0:
             terms["mdct"] = mdct_loss(self.model, out.pcm, pcm)
             total = total + config.weight_mdct * terms["mdct"]
+        if config.weight_lowband > 0:
+            terms["lowband"] = mdct_loss(self.model, out.pcm, pcm, config.lowband_hz)
+            total = total + config.weight_lowband * terms["lowband"]
         if config.weight_pitch > 0:
             terms["pitch"], terms["voicing"] = pitch_losses(out)
             total = total + config.weight_pitch * (terms["pitch"] + terms["voicing"])
