@@ -13,7 +13,9 @@ low-band waveform coder, on a trained checkpoint (PyTorch, offline).
 Writes benchmarks/results/waveform_study.json and docs/img/waveform_hybrid.png (rate vs
 PESQ-WB against the neural codec alone and Opus/Codec2 from benchmarks/results/quality.json).
 
-    python benchmarks/study_waveform.py --checkpoint models/checkpoints/default.pt   # ~5 min
+    python -m models.study_waveform --checkpoint models/checkpoints/default.pt   # ~5 min
+
+(In models/: it runs the PyTorch model, which only models/ may import.)
 """
 
 from __future__ import annotations
@@ -21,21 +23,18 @@ from __future__ import annotations
 import argparse
 import glob
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from models.data import load_mono
+from models.evaluate import pad_to_frames, quality
+from models.export import load_checkpoint
+from models.mdct import frame_spans, overlap_add
 
-from models.data import load_mono  # noqa: E402
-from models.evaluate import pad_to_frames, quality  # noqa: E402
-from models.export import load_checkpoint  # noqa: E402
-from models.mdct import frame_spans, overlap_add  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 BANDS_HZ = ((0, 500), (500, 1000), (1000, 2000), (2000, 4000), (4000, 8000))
 ORACLE_CUTOFFS_HZ = (0, 1000, 2000, 4000)
