@@ -295,9 +295,10 @@ def export_model(out_dir: Path, checkpoint: Path | None = None, model_id: str | 
         round_weights_to_fp16(model)
     # fp16 keeps the layer scales apart so every stored weight is exactly an fp16 value
     states = export_graphs(model, out_dir, fold_scales=weights != "fp16")
+    folded = fold_layer_scales(model) if weights == "int8" else None
     for name in ("encoder.onnx", "decoder.onnx"):
-        if weights == "int8":
-            quantize_linear_weights(out_dir / name, fold_layer_scales(model))
+        if folded is not None:
+            quantize_linear_weights(out_dir / name, folded)
         if weights != "fp32":
             store_weights_as_fp16(out_dir / name)
     digest = hashlib.sha256((out_dir / "decoder.onnx").read_bytes()).hexdigest()[:8]

@@ -73,9 +73,8 @@ class EnginePool:
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop every worker (each finishes its tick); wait up to `timeout` s in all."""
-        for worker in self.workers:
-            worker._stop = True
-            worker._wake.set()
+        for worker in self.workers:  # all at once, then wait for each
+            worker.request_stop()
         deadline = time.monotonic() + timeout
         for worker in self.workers:
             worker.stop(max(deadline - time.monotonic(), 0.0))

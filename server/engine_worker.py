@@ -330,10 +330,14 @@ class EngineWorker:
         self._thread.start()
         self.metrics.engine_alive.set(1)
 
-    def stop(self, timeout: float = 5.0) -> None:
-        """Ask the thread to finish its tick and exit; wait up to `timeout` s."""
+    def request_stop(self) -> None:
+        """Ask the thread to finish its tick and exit (returns at once)."""
         self._stop = True
         self._wake.set()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Ask the thread to finish its tick and exit; wait up to `timeout` s."""
+        self.request_stop()
         if self._thread is not None:
             self._thread.join(timeout)
         self.metrics.engine_alive.set(0)

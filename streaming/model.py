@@ -442,12 +442,6 @@ class GraphState:
         """The other buffer set, written by the next unbatched step."""
         return self._spare
 
-    @property
-    def current(self) -> F32:
-        """The current state as one flat vector [total] (a view; card order)."""
-        row: F32 = self.flat[self.parity]
-        return row
-
     def swap(self) -> None:
         """Make `spare` current (after a step wrote it) and count the step."""
         self._cur, self._spare = self._spare, self._cur
