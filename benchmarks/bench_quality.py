@@ -2,11 +2,12 @@
 
 Per (codec, bitrate, clip), on 16 kHz mono clips (default: ../shared/data/dev):
 
-* **ours** at 1, 3 and 6 kbps (the codebook counts the model card gives those bitrates: 1, 5
-  and 11 on the default card), run exactly as `codec-client encode` / `decode` do: through
-  `client.files` (EncoderStream -> bitstream file -> read back -> DecoderStream, output
-  aligned to the input and of its exact length) when that module is there, else the same
-  chain written here on the `streaming` API (`--pipeline` picks; the JSON records which ran).
+* **ours** at 1, 3 and 6 kbps (the bitrate modes the model card gives those budgets: 1
+  codebook; 2 codebooks + low-band layout 1; 3 codebooks + layout 2), run exactly as
+  `codec-client encode` / `decode` do: through `client.files` (EncoderStream -> bitstream
+  file -> read back -> DecoderStream, output aligned to the input and of its exact length)
+  when that module is there, else the same chain written here on the `streaming` API
+  (`--pipeline` picks; the JSON records which ran).
   Measured bitrate = bitstream file bytes * 8 / clip duration (header and flush frame
   included); the payload bitrate (frame bits only) is reported too.
 * **Opus** (libopus via `opuslib`) at 6, 9 and 12 kbps: 16 kHz, 20 ms frames, VOIP,
@@ -431,7 +432,8 @@ class Codec:
         return {}
 
 
-Pipeline: TypeAlias = Callable[[F32, int], tuple[bytes, F32]]
+Pipeline: TypeAlias = Callable[[F32, Any], tuple[bytes, F32]]
+"""(clip, BitrateMode) -> (bitstream file bytes, aligned decoded clip)."""
 """(16 kHz float32 clip, codebooks) -> (bitstream file bytes, aligned decoded output)."""
 
 
@@ -443,8 +445,8 @@ def client_pipeline(model: Any) -> Pipeline:
     from client.files import decode_local, encode_local
     from streaming.protocol import read_bitstream
 
-    def run(x: F32, num_codebooks: int) -> tuple[bytes, F32]:
-        data, _ = encode_local(Audio(x, SR), model, num_codebooks, quiet=True)
+    def run(x: F32, mode: Any) -> tuple[bytes, F32]:
+        data, _ = encode_local(Audio(x, SR), model, mode, quiet=True)
         header, frames = read_bitstream(data)
         out = decode_local(frames, header.source, model, SR, quiet=True)
         return data, np.asarray(out.samples, dtype=np.float32)
@@ -466,12 +468,13 @@ def streaming_pipeline(model: Any) -> Pipeline:
     n_frame, d = card.frame_size, card.output_delay_samples
     chunk = 25 * n_frame
 
-    def run(x: F32, num_codebooks: int) -> tuple[bytes, F32]:
+    def run(x: F32, mode: Any) -> tuple[bytes, F32]:
         n = x.shape[0]
         count = frames_needed(n, d, n_frame)
         pcm = np.zeros(count * n_frame, dtype=np.float32)
         pcm[:n] = x
-        enc = EncoderStream(model, fmt=SampleFormat.F32LE, num_codebooks=num_codebooks)
+        enc = EncoderStream(model, fmt=SampleFormat.F32LE)
+        enc.set_mode(mode)
         writer = BitstreamWriter(
             BitstreamHeader(
                 card.model_id, SR, n_frame, card.code_bits, card.gain.bits, card.num_codebooks
@@ -505,19 +508,20 @@ class OursCodec(Codec):
         self.model = model
         self.card = model.card
         self.nominal_kbps = kbps_
-        self.num_codebooks = self.card.codebooks_for_bitrate(kbps_)
+        self.mode = self.card.mode_for_bitrate(kbps_)
+        self.num_codebooks = self.mode.num_codebooks
         self.pipeline = pipeline
         self.pipeline_name = pipeline_name
         self.delay = self.card.output_delay_samples
         self.delay_method = "card output_delay_samples (compensated by the decoder pipeline)"
 
     def roundtrip(self, x: F32) -> Coded:
-        data, y = self.pipeline(x, self.num_codebooks)
+        data, y = self.pipeline(x, self.mode)
         if y.shape[0] != x.shape[0]:
             raise RuntimeError(f"{self.label}: output has {y.shape[0]} samples, input {x.shape[0]}")
         _, arrays = self._read(data)
-        counts = arrays.num_codebooks
-        payload = int(sum(self.card.frame_bits(int(c)) for c in counts))
+        bits = {"code_bits": self.card.code_bits, "gain_bits": self.card.gain.bits}
+        payload = sum(frame.bit_length(**bits) for frame in arrays.frames())
         return Coded(
             y,
             8 * len(data),
@@ -529,8 +533,9 @@ class OursCodec(Codec):
     def info(self) -> dict[str, Any]:
         return {
             "num_codebooks": self.num_codebooks,
+            "lowband_layout": self.mode.lowband_layout,
             "pipeline": self.pipeline_name,
-            "card_kbps": self.card.bitrate_kbps(self.num_codebooks),
+            "card_kbps": self.mode.kbps,
         }
 
 
@@ -845,14 +850,15 @@ def probe_signal(seconds: float = 0.5, seed: int = 0) -> F32:
     return to_pcm16(0.2 * env * rng.standard_normal(n))
 
 
-def compare_pipelines(model: Any, num_codebooks: int = 1) -> tuple[bool, str]:
-    """Run the client and the streaming pipelines on `probe_signal()`: (client usable,
-    message).  The two should give the same audio; the client file is a few bytes larger
-    (its source record)."""
+def compare_pipelines(model: Any, kbps_: float = 6.0) -> tuple[bool, str]:
+    """Run the client and the streaming pipelines on `probe_signal()` at the mode of `kbps_`:
+    (client usable, message).  The two should give the same audio; the client file is a few
+    bytes larger (its source record)."""
     x = probe_signal()
-    data_s, y_s = streaming_pipeline(model)(x, num_codebooks)
+    mode = model.card.mode_for_bitrate(kbps_)
+    data_s, y_s = streaming_pipeline(model)(x, mode)
     try:
-        data_c, y_c = client_pipeline(model)(x, num_codebooks)
+        data_c, y_c = client_pipeline(model)(x, mode)
     except Exception as exc:  # not there yet, or its API changed
         return False, f"client.files not usable ({type(exc).__name__}: {exc})"
     if y_c.shape != x.shape:

@@ -34,9 +34,10 @@ from client.audio import AudioCounters
 from client.devices import DeviceAudio
 from client.engine import CaptureSide, PlayoutSide, PlayoutTotals
 from client.errors import ClientError
-from client.session import Session
+from client.files import mode_for
+from client.session import Session, mode_fields
 from client.trace import clock_us
-from streaming.model import CodecModel
+from streaming.model import BitrateMode, CodecModel
 from streaming.protocol import PacketTimes, TokenPacket, encode_packet
 
 __all__ = ["CallClient", "CallOptions", "CallStats"]
@@ -46,14 +47,15 @@ F32: TypeAlias = npt.NDArray[np.float32]
 
 @dataclass(frozen=True)
 class CallOptions:
-    """What `codec-client call` was asked for (see its --help)."""
+    """What `codec-client call` was asked for (see its --help).  `mode`: the bitrate mode of
+    what this participant sends (None: the model's 6 kbps mode)."""
 
     server: str
     room: str
     name: str = ""
     send: str = "tokens"
     receive: str = "tokens"
-    num_codebooks: int = 11
+    mode: BitrateMode | None = None
     timestamps: bool = False
     api_key: str | None = None
     playout_ms: float = 40.0
@@ -115,6 +117,8 @@ class CallClient:
         self.audio = audio
         self.options = options
         self.card = model.card
+        self.mode = options.mode if options.mode is not None else mode_for(model.card, None, None)
+        """Bitrate mode of what this participant sends."""
         self.stop = threading.Event()
         self.hangup_requested = asyncio.Event()
         self.session: Session | None = None
@@ -140,7 +144,7 @@ class CallClient:
         if "pcm" in (o.send, o.receive):
             hello |= {"sample_rate": self.audio.rate, "format": "f32le"}
         if o.send == "pcm":
-            hello |= {"num_codebooks": o.num_codebooks, "timestamps": o.timestamps}
+            hello |= {**mode_fields(self.mode), "timestamps": o.timestamps}
         return hello
 
     def toggle_mute(self) -> bool:
@@ -210,7 +214,7 @@ class CallClient:
                 self.audio,
                 self._queue_packet,
                 stream_id=participant_id,
-                num_codebooks=o.num_codebooks,
+                mode=self.mode,
             )
             capture_step: Callable[[], object] = self.capture.process
         else:

@@ -21,7 +21,7 @@ from client.devices import (
     resolve_device,
 )
 from client.errors import EXIT_OK
-from client.files import codebooks_for, load_model
+from client.files import add_mode_arguments, describe_mode, load_model, mode_from_args
 
 __all__ = ["add_call", "format_status", "run_call"]
 
@@ -40,9 +40,7 @@ def add_call(sub: argparse._SubParsersAction[argparse.ArgumentParser], help_text
     )
     p.add_argument("--room", default="demo", help="room name (default %(default)s)")
     p.add_argument("--name", default="", help="display name shown to the others")
-    rate = p.add_mutually_exclusive_group()
-    rate.add_argument("--kbps", type=float, help="bitrate of what you send: 1, 3 or 6 (default 6)")
-    rate.add_argument("--codebooks", type=int, metavar="N", help="codebooks per frame, 1..Q")
+    add_mode_arguments(p, "bitrate of what you send: 1, 3 or 6 kbps (default 6)")
     p.add_argument(
         "--send",
         choices=("tokens", "pcm"),
@@ -170,7 +168,7 @@ def run_call(args: argparse.Namespace) -> int:
         name=args.name,
         send=args.send,
         receive=args.receive or args.send,
-        num_codebooks=codebooks_for(model.card, args.kbps, args.codebooks),
+        mode=mode_from_args(model.card, args),
         timestamps=args.timestamps,
         api_key=args.api_key,
         playout_ms=args.playout_ms,
@@ -209,7 +207,7 @@ async def _call(client: CallClient, args: argparse.Namespace) -> CallStats:
             pid = ready.stream_id if ready is not None else "?"
             print(
                 f"joined room {args.room!r} as participant {pid} ({len(c.peers)} other(s) "
-                f"here); audio {c.audio.rate} Hz, {c.options.num_codebooks} codebooks",
+                f"here); audio {c.audio.rate} Hz, sending {describe_mode(c.mode)}",
                 file=sys.stderr,
                 flush=True,
             )

@@ -11,12 +11,15 @@ from client.audiofile import Audio, read_audio, write_audio
 from client.errors import EXIT_OK, ClientError
 from client.files import (
     CodecParams,
+    add_mode_arguments,
     check_header,
-    codebooks_for,
     decode_local,
+    describe_mode,
     encode_local,
     frames_to_audio,
     load_model,
+    mode_from_args,
+    payload_kbps,
     prepare_input,
     read_bitstream_file,
 )
@@ -30,7 +33,7 @@ from client.remote import (
     open_encoder,
     params_from_ready,
 )
-from streaming.model import CodecModel
+from streaming.model import BitrateMode, CodecModel
 from streaming.protocol import BitstreamHeader, SourceInfo, TokenFrame, write_bitstream
 
 __all__ = ["add_decode", "add_encode", "run_decode", "run_encode"]
@@ -68,13 +71,11 @@ def add_encode(sub: argparse._SubParsersAction[argparse.ArgumentParser], help_te
     p = sub.add_parser("encode", help=help_text, description=help_text)
     p.add_argument("input", type=Path, help="audio file (WAV, FLAC, ...; any rate, mixed to mono)")
     p.add_argument("output", type=Path, help="bitstream file to write (.csb)")
-    rate = p.add_mutually_exclusive_group()
-    rate.add_argument(
-        "--kbps",
-        type=float,
-        help="payload bitrate: 1, 3 or 6 kbps (the most codebooks within it; default 6)",
+    add_mode_arguments(
+        p,
+        "payload bitrate: 1, 3 or 6 kbps (the model's bitrate mode for that budget: codebooks "
+        "and low band; default 6)",
     )
-    rate.add_argument("--codebooks", type=int, metavar="N", help="codebooks per frame, 1..Q")
     add_common(p)
 
 
@@ -107,28 +108,29 @@ def run_encode(args: argparse.Namespace) -> int:
     """Encode args.input to args.output."""
     audio = read_audio(args.input)
     model = load_model(args.model)
-    codebooks = codebooks_for(model.card, args.kbps, args.codebooks)
+    mode = mode_from_args(model.card, args)
     if args.server and args.transport == "http":
-        data, frames = _encode_via_http(args, audio, model, codebooks)
+        data, frames = _encode_via_http(args, audio, model, mode)
     elif args.server:
-        data, frames = asyncio.run(_encode_via_server(args, audio, model, codebooks))
+        data, frames = asyncio.run(_encode_via_server(args, audio, model, mode))
     else:
-        data, frames = encode_local(audio, model, codebooks, quiet=args.quiet)
+        data, frames = encode_local(audio, model, mode, quiet=args.quiet)
     _write_bytes(args.output, data)
     seconds = frames * model.card.frame_ms / 1000.0
+    total = 8 * len(data) / seconds / 1000 if seconds else 0.0
     _say(
         args,
         f"{args.output}: {frames} frames ({audio.seconds:.2f} s of {audio.rate} Hz audio), "
-        f"{len(data)} bytes = {8 * len(data) / seconds / 1000:.2f} kbps "
-        f"({codebooks} codebooks: {model.card.bitrate_kbps(codebooks):.2f} kbps payload)",
+        f"{len(data)} bytes = {total:.2f} kbps; mode {describe_mode(mode)}, payload measured "
+        f"{payload_kbps(data, seconds):.2f} kbps",
     )
     return EXIT_OK
 
 
 async def _encode_via_server(
-    args: argparse.Namespace, audio: Audio, model: CodecModel, codebooks: int
+    args: argparse.Namespace, audio: Audio, model: CodecModel, mode: BitrateMode
 ) -> tuple[bytes, int]:
-    session = await open_encoder(args.server, model.card.sample_rate, codebooks, args.api_key)
+    session = await open_encoder(args.server, model.card.sample_rate, mode, args.api_key)
     params = params_from_ready(session.ready, model.card)
     prepared = prepare_input(audio, params)
     with progress_bar(prepared.frames, "encoding (server)", quiet=args.quiet) as bar:
@@ -137,11 +139,11 @@ async def _encode_via_server(
 
 
 def _encode_via_http(
-    args: argparse.Namespace, audio: Audio, model: CodecModel, codebooks: int
+    args: argparse.Namespace, audio: Audio, model: CodecModel, mode: BitrateMode
 ) -> tuple[bytes, int]:
     params = CodecParams.from_card(model.card)
     prepared = prepare_input(audio, params)
-    frames = encode_http(args.server, prepared, params, codebooks, args.api_key)
+    frames = encode_http(args.server, prepared, params, mode, args.api_key)
     return write_bitstream(params.header(prepared.source), frames), len(frames)
 
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from client.audiofile import read_audio, resample
 from client.errors import EXIT_OK, ClientError
-from client.files import codebooks_for, load_model
+from client.files import add_mode_arguments, load_model, mode_from_args
 from client.profiler.analysis import analyze
 from client.profiler.report import format_table, write_reports
 from client.profiler.sim import F32, SimConfig, run_room, run_roundtrip
@@ -38,9 +38,7 @@ def add_profile(sub: argparse._SubParsersAction[argparse.ArgumentParser], help_t
     )
     p.add_argument("--clients", type=int, default=2, help="simulated clients (default 2)")
     p.add_argument("--seconds", type=float, default=10.0, help="audio per client (default 10)")
-    rate = p.add_mutually_exclusive_group()
-    rate.add_argument("--kbps", type=float, help="bitrate: 1, 3 or 6 kbps (default 6)")
-    rate.add_argument("--codebooks", type=int, metavar="N", help="codebooks per frame, 1..Q")
+    add_mode_arguments(p, "bitrate: 1, 3 or 6 kbps (the model's mode for it; default 6)")
     p.add_argument(
         "--mode",
         choices=("room", "roundtrip"),
@@ -102,7 +100,7 @@ def run_profile(args: argparse.Namespace) -> int:
         room=args.room or f"profile-{os.getpid()}-{int(time.time())}",
         clients=args.clients,
         seconds=args.seconds,
-        num_codebooks=codebooks_for(model.card, args.kbps, args.codebooks),
+        mode=mode_from_args(model.card, args),
         block_ms=args.block_ms,
         playout_ms=args.playout_ms,
         api_key=args.api_key,
@@ -130,8 +128,9 @@ def _config(args: argparse.Namespace, config: SimConfig, model: Any, wall: float
         "room": config.room if args.mode == "room" else None,
         "clients": config.clients,
         "seconds": config.seconds,
-        "num_codebooks": config.num_codebooks,
-        "bitrate_kbps": card.bitrate_kbps(config.num_codebooks),
+        "num_codebooks": config.mode_for(card).num_codebooks,
+        "lowband_layout": config.mode_for(card).lowband_layout,
+        "bitrate_kbps": config.mode_for(card).kbps,
         "block_ms": config.block_ms,
         "playout_ms": config.playout_ms,
         "input": str(args.input) if args.input else "synthetic test signal",

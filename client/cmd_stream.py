@@ -21,11 +21,11 @@ import numpy as np
 
 from client.audiofile import Audio, read_audio, resample
 from client.errors import EXIT_OK, ClientError
-from client.files import codebooks_for, load_model
+from client.files import add_mode_arguments, describe_mode, load_model, mode_from_args
 from client.remote import params_from_ready
-from client.session import RESPONSE_TIMEOUT_S, Ready, Session
+from client.session import RESPONSE_TIMEOUT_S, Ready, Session, mode_fields
 from streaming.framing import SUPPORTED_RATES
-from streaming.model import CodecModel
+from streaming.model import BitrateMode, CodecModel, ModelCard
 from streaming.protocol import (
     ProtocolError,
     SourceInfo,
@@ -45,9 +45,7 @@ def add_stream(sub: argparse._SubParsersAction[argparse.ArgumentParser], help_te
     p.add_argument(
         "--server", metavar="URL", default="http://127.0.0.1:8000", help="default %(default)s"
     )
-    rate = p.add_mutually_exclusive_group()
-    rate.add_argument("--kbps", type=float, help="bitrate: 1, 3 or 6 kbps (default 6)")
-    rate.add_argument("--codebooks", type=int, metavar="N", help="codebooks per frame, 1..Q")
+    add_mode_arguments(p, "bitrate: 1, 3 or 6 kbps (the model's mode for it; default 6)")
     p.add_argument("--json", action="store_true", help="print JSON lines (docs/protocol.md)")
     p.add_argument(
         "--save", type=Path, metavar="FILE", help="save the tokens: .jsonl (JSON lines) or .csb"
@@ -64,9 +62,10 @@ def add_stream(sub: argparse._SubParsersAction[argparse.ArgumentParser], help_te
 def _line(packet: TokenPacket) -> str:
     f = packet.frame
     codes = " ".join(str(c) for c in f.codes)
+    low = f"  low {f.lowband_layout}: {' '.join(map(str, f.lowband))}" if f.lowband else ""
     return (
         f"seq {packet.seq:5d}  t {packet.timestamp_us / 1e6:8.2f} s  n {f.num_codebooks:2d}  "
-        f"gain {f.gain_index:2d}  codes {codes}"
+        f"gain {f.gain_index:2d}  codes {codes}{low}"
     )
 
 
@@ -108,22 +107,22 @@ def run_stream(args: argparse.Namespace) -> int:
     if audio.rate not in SUPPORTED_RATES:
         audio = Audio(resample(audio.samples, audio.rate, 16000), 16000)
     model = load_model(args.model)
-    codebooks = codebooks_for(model.card, args.kbps, args.codebooks)
+    mode = mode_from_args(model.card, args)
     if args.save is not None and args.save.suffix not in (".jsonl", ".csb"):
         raise ClientError(f"--save {args.save}: use a .jsonl or .csb file name")
     started = time.perf_counter()
-    collector, end, ready = asyncio.run(_stream(args, audio, codebooks))
+    collector, end, ready = asyncio.run(_stream(args, audio, mode))
     elapsed = time.perf_counter() - started
     if args.save is not None:
         _save(args.save, collector.packets, ready, model, source)
-    _summary(collector, end, audio, elapsed)
+    _summary(collector, end, audio, elapsed, mode, model.card)
     return EXIT_OK
 
 
 async def _stream(
-    args: argparse.Namespace, audio: Audio, codebooks: int
+    args: argparse.Namespace, audio: Audio, mode: BitrateMode
 ) -> tuple[_Collector, dict[str, Any], dict[str, Any]]:
-    hello = {"sample_rate": audio.rate, "format": "f32le", "num_codebooks": codebooks}
+    hello = {"sample_rate": audio.rate, "format": "f32le", **mode_fields(mode)}
     session = await Session.open(args.server, "/v1/encode", hello, api_key=args.api_key)
     ready = session.ready
     collector = _Collector(args, sys.stdout, ready.frame_samples)
@@ -179,12 +178,25 @@ def _save(
         raise ClientError(f"{path}: cannot write ({exc.strerror})") from None
 
 
-def _summary(collector: _Collector, end: dict[str, Any], audio: Audio, elapsed: float) -> None:
+def _summary(
+    collector: _Collector,
+    end: dict[str, Any],
+    audio: Audio,
+    elapsed: float,
+    mode: BitrateMode,
+    card: ModelCard,
+) -> None:
     lat = np.array(collector.latency_ms or [float("nan")])
     p50, p95 = np.percentile(lat, [50, 95])
+    frames = collector.packets
+    bits = sum(p.frame.bit_length(code_bits=card.code_bits, gain_bits=card.gain.bits)
+               for p in frames)
+    seconds = len(frames) * card.frame_ms / 1000.0
+    measured = bits / seconds / 1000.0 if seconds else 0.0
     print(
-        f"{len(collector.packets)} frames for {audio.seconds:.2f} s of audio in {elapsed:.2f} s; "
+        f"{len(frames)} frames for {audio.seconds:.2f} s of audio in {elapsed:.2f} s; "
         f"token latency p50 {p50:.1f} ms, p95 {p95:.1f} ms (chunk sent -> packet received); "
-        f"server late frames {end.get('late_frames', '?')}",
+        f"server late frames {end.get('late_frames', '?')}; mode {describe_mode(mode)}, "
+        f"payload measured {measured:.2f} kbps",
         file=sys.stderr,
     )

@@ -32,7 +32,7 @@ from client.trace import PlayRecord, SendRecord, clock_us
 from streaming.framing import OutputFramer, SampleFormat
 from streaming.jitter import JitterBuffer, JitterConfig, JitterStats, PlayoutKind
 from streaming.latency import LatencyStats
-from streaming.model import CodecModel
+from streaming.model import BitrateMode, CodecModel
 from streaming.protocol import ProtocolError, TokenPacket, decode_packet
 from streaming.stream import DecoderStream, EncoderStream
 
@@ -49,7 +49,8 @@ class CaptureSide:
     """Captured PCM -> `TokenPacket`s (one per 20 ms frame) handed to `send`.
 
     * `stream_id`: u32 put in every packet; seq starts at 0 and counts sent packets.
-    * `num_codebooks`: codebooks per frame (the bitrate).
+    * `mode`: the bitrate mode (codebooks and low-band layout per frame); or `num_codebooks`:
+      that many codebooks without low band (default: all Q).
     * `muted`: frames are still encoded (the encoder state stays current) but not sent.
     * `record`: keep a `SendRecord` per frame in `records` (for profiling).
     * `stats`: a `LatencyStats` the encoder adds every frame to.
@@ -64,6 +65,7 @@ class CaptureSide:
         *,
         stream_id: int = 0,
         num_codebooks: int | None = None,
+        mode: BitrateMode | None = None,
         clock: Clock = time.perf_counter,
         record: bool = False,
         stats: LatencyStats | None = None,
@@ -81,6 +83,8 @@ class CaptureSide:
             clock=clock,
             stats=stats,
         )
+        if mode is not None:
+            self.encoder.set_mode(mode)
         self._chunk: F32 = np.zeros(max(port.rate // 10, 1), dtype=np.float32)  # 100 ms
         self._per_frame = card.frame_size * port.rate / card.sample_rate  # device samples
         self._position = 0  # device samples read so far

@@ -20,6 +20,7 @@ sends the same padded model-rate PCM to the server, so both give the same tokens
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -34,29 +35,36 @@ from client.audiofile import Audio, resample, resampled_length
 from client.errors import ClientError
 from client.progress import progress_bar
 from streaming.framing import SampleFormat
-from streaming.model import CodecModel, ModelCard, ModelError
+from streaming.lowband import LAYOUTS, LOWBAND_LAYOUT_NONE
+from streaming.model import BitrateMode, CodecModel, ModelCard, ModelError
 from streaming.protocol import (
     BitstreamHeader,
     ProtocolError,
     SourceInfo,
     TokenFrame,
+    decode_file_header,
     read_bitstream,
     write_bitstream,
 )
 from streaming.stream import DecoderStream, EncoderStream
 
 __all__ = [
+    "DEFAULT_KBPS",
     "CodecParams",
     "PreparedInput",
+    "add_mode_arguments",
     "check_header",
-    "codebooks_for",
     "decode_frames_local",
     "decode_local",
+    "describe_mode",
     "encode_local",
     "encode_pcm_local",
     "frames_to_audio",
     "load_model",
+    "mode_for",
+    "mode_from_args",
     "model_length",
+    "payload_kbps",
     "prepare_input",
     "read_bitstream_file",
 ]
@@ -67,6 +75,9 @@ Progress: TypeAlias = Callable[[int], object]
 
 CHUNK_FRAMES = 25
 """Frames per engine call (0.5 s): below the streams' 1 s buffers, fine-grained progress."""
+
+DEFAULT_KBPS = 6.0
+"""Bitrate budget when neither --kbps nor --codebooks is given."""
 
 
 @cache
@@ -81,17 +92,71 @@ def load_model(path: Path | None = None) -> CodecModel:
         raise ClientError(f"cannot load the codec model: {exc}") from None
 
 
-def codebooks_for(card: ModelCard, kbps: float | None, codebooks: int | None) -> int:
-    """Codebooks per frame from --kbps or --codebooks (default: the most within 6 kbps)."""
+def add_mode_arguments(parser: argparse.ArgumentParser, kbps_help: str) -> None:
+    """--kbps | --codebooks N, and --lowband-layout L (with --codebooks): the bitrate mode."""
+    rate = parser.add_mutually_exclusive_group()
+    rate.add_argument("--kbps", type=float, help=kbps_help)
+    rate.add_argument(
+        "--codebooks",
+        type=int,
+        metavar="N",
+        help="exact mode: N codebooks per frame, 1..Q, without low band (see --lowband-layout)",
+    )
+    parser.add_argument(
+        "--lowband-layout",
+        type=int,
+        metavar="L",
+        help="with --codebooks: also send low-band layout L (0 none, 1, 2; expert use: --kbps "
+        "picks the layout itself)",
+    )
+
+
+def mode_for(
+    card: ModelCard,
+    kbps: float | None,
+    codebooks: int | None,
+    lowband_layout: int | None = None,
+) -> BitrateMode:
+    """The bitrate mode of --kbps (the card's mode for that budget, `mode_for_bitrate`; default
+    6 kbps) or --codebooks N [--lowband-layout L] (N codebooks with layout L, default 0)."""
     q = card.num_codebooks
+    if lowband_layout is not None and codebooks is None:
+        raise ClientError("--lowband-layout needs --codebooks (--kbps picks the layout itself)")
     if codebooks is not None:
         if not 1 <= codebooks <= q:
             raise ClientError(f"--codebooks must be in 1..{q} for model {card.model_id}")
-        return codebooks
+        layout = LOWBAND_LAYOUT_NONE if lowband_layout is None else lowband_layout
+        usable = [LOWBAND_LAYOUT_NONE]
+        usable += [lid for lid, spec in sorted(LAYOUTS.items()) if spec.bins <= card.lowband_bins]
+        if layout not in usable:
+            raise ClientError(
+                f"--lowband-layout must be one of {', '.join(map(str, usable))} for model "
+                f"{card.model_id}"
+            )
+        return BitrateMode(codebooks, layout, card.bitrate_kbps(codebooks, layout))
     try:
-        return card.codebooks_for_bitrate(6.0 if kbps is None else kbps)
+        return card.mode_for_bitrate(DEFAULT_KBPS if kbps is None else kbps)
     except ValueError as exc:
         raise ClientError(f"--kbps: {exc}") from None
+
+
+def mode_from_args(card: ModelCard, args: argparse.Namespace) -> BitrateMode:
+    """`mode_for` of the --kbps / --codebooks / --lowband-layout options in `args`."""
+    return mode_for(card, args.kbps, args.codebooks, getattr(args, "lowband_layout", None))
+
+
+def describe_mode(mode: BitrateMode) -> str:
+    """`mode` for people: "3 codebooks + low band 2, 6.00 kbps nominal"."""
+    s = "" if mode.num_codebooks == 1 else "s"
+    low = f" + low band {mode.lowband_layout}" if mode.lowband_layout else ""
+    return f"{mode.num_codebooks} codebook{s}{low}, {mode.kbps:.2f} kbps nominal"
+
+
+def payload_kbps(data: bytes, seconds: float) -> float:
+    """Payload bitrate of a bitstream file measured on its size: the bits after the header
+    (frame payloads, not byte-aligned, + < 8 padding bits) per second, kbps."""
+    _, header_size = decode_file_header(data)
+    return 8 * (len(data) - header_size) / seconds / 1000.0 if seconds > 0 else 0.0
 
 
 @dataclass(frozen=True)
@@ -158,12 +223,16 @@ def prepare_input(audio: Audio, card: CodecParams) -> PreparedInput:
 
 
 def encode_pcm_local(
-    model: CodecModel, pcm: F32, num_codebooks: int, progress: Progress | None = None
+    model: CodecModel, pcm: F32, mode: BitrateMode | int, progress: Progress | None = None
 ) -> list[TokenFrame]:
-    """Tokens of model-rate float32 `pcm` (whole frames) through an `EncoderStream`."""
+    """Tokens of model-rate float32 `pcm` (whole frames) through an `EncoderStream` in bitrate
+    `mode` (an int: that many codebooks without low band)."""
     card = model.card
     enc = EncoderStream(model, rate=card.sample_rate, fmt=SampleFormat.F32LE)
-    enc.set_num_codebooks(num_codebooks)
+    if isinstance(mode, BitrateMode):
+        enc.set_mode(mode)
+    else:
+        enc.set_num_codebooks(mode)
     step = CHUNK_FRAMES * card.frame_size
     frames: list[TokenFrame] = []
     for i in range(0, pcm.shape[0], step):
@@ -261,13 +330,14 @@ def check_header(header: BitstreamHeader, card: CodecParams, where: str) -> None
 
 
 def encode_local(
-    audio: Audio, model: CodecModel, num_codebooks: int, *, quiet: bool = False
+    audio: Audio, model: CodecModel, mode: BitrateMode | int, *, quiet: bool = False
 ) -> tuple[bytes, int]:
-    """The bitstream file bytes of `audio` encoded locally; returns (data, frames)."""
+    """The bitstream file bytes of `audio` encoded locally in bitrate `mode` (see
+    `encode_pcm_local`); returns (data, frames)."""
     params = CodecParams.from_card(model.card)
     prepared = prepare_input(audio, params)
     with progress_bar(prepared.frames, "encoding", quiet=quiet) as bar:
-        frames = encode_pcm_local(model, prepared.pcm, num_codebooks, bar.update)
+        frames = encode_pcm_local(model, prepared.pcm, mode, bar.update)
     return write_bitstream(params.header(prepared.source), frames), len(frames)
 
 

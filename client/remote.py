@@ -17,6 +17,7 @@ import asyncio
 import io
 import json
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Sequence
 from typing import Any, TypeAlias
@@ -27,8 +28,15 @@ import soundfile as sf
 
 from client.errors import ClientError
 from client.files import CHUNK_FRAMES, CodecParams, PreparedInput
-from client.session import RESPONSE_TIMEOUT_S, Ready, Session, api_key_headers, http_url
-from streaming.model import ModelCard
+from client.session import (
+    RESPONSE_TIMEOUT_S,
+    Ready,
+    Session,
+    api_key_headers,
+    http_url,
+    mode_fields,
+)
+from streaming.model import BitrateMode, ModelCard
 from streaming.protocol import (
     ProtocolError,
     TokenFrame,
@@ -81,12 +89,15 @@ def _check_rate(ready: Ready, rate: int) -> None:
         )
 
 
-async def open_encoder(server: str, rate: int, num_codebooks: int, api_key: str | None) -> Session:
-    """An /v1/encode session taking f32le PCM at `rate` and returning binary packets."""
+async def open_encoder(
+    server: str, rate: int, mode: BitrateMode, api_key: str | None
+) -> Session:
+    """An /v1/encode session taking f32le PCM at `rate` and returning binary packets in
+    bitrate `mode` (sent exactly: codebooks and low-band layout)."""
     hello: dict[str, Any] = {
         "sample_rate": rate,
         "format": "f32le",
-        "num_codebooks": num_codebooks,
+        **mode_fields(mode),
         "tokens": "binary",
     }
     session = await Session.open(server, "/v1/encode", hello, api_key=api_key)
@@ -197,13 +208,14 @@ def encode_http(
     server: str,
     prepared: PreparedInput,
     params: CodecParams,
-    num_codebooks: int,
+    mode: BitrateMode,
     api_key: str | None,
 ) -> list[TokenFrame]:
-    """Tokens of `prepared.pcm` from `POST /v1/encode` (a float WAV at the model rate)."""
+    """Tokens of `prepared.pcm` from `POST /v1/encode` (a float WAV at the model rate) in
+    bitrate `mode`."""
     wav = io.BytesIO()
     sf.write(wav, prepared.pcm, params.sample_rate, format="WAV", subtype="FLOAT")
-    url = http_url(server, f"/v1/encode?num_codebooks={num_codebooks}")
+    url = http_url(server, f"/v1/encode?{urllib.parse.urlencode(mode_fields(mode))}")
     data = _http_post(url, wav.getvalue(), "audio/wav", api_key)
     try:
         _, frames = read_bitstream(data)

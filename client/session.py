@@ -18,7 +18,7 @@ import json
 import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 from websockets.asyncio.client import ClientConnection, connect
@@ -26,7 +26,10 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from client.errors import ClientError
 
-__all__ = ["API_KEY_ENV", "Message", "Ready", "Session", "http_url", "ws_url"]
+if TYPE_CHECKING:  # streaming.model loads onnxruntime: only its type is needed here
+    from streaming.model import BitrateMode
+
+__all__ = ["API_KEY_ENV", "Message", "Ready", "Session", "http_url", "mode_fields", "ws_url"]
 
 API_KEY_ENV = "CODECSTREAM_API_KEY"
 PROTOCOL_VERSION = 1
@@ -64,6 +67,15 @@ def http_url(server: str, path: str) -> str:
     if mapped is None:
         raise ClientError(f"--server {server!r}: unsupported scheme {scheme!r}")
     return urlunsplit((mapped, netloc, prefix + path, "", ""))
+
+
+def mode_fields(mode: BitrateMode) -> dict[str, int]:
+    """The hello / set_bitrate fields (and HTTP query) of an exact bitrate mode:
+    `num_codebooks`, plus `lowband_layout` when the mode sends a low band."""
+    fields = {"num_codebooks": mode.num_codebooks}
+    if mode.lowband_layout:
+        fields["lowband_layout"] = mode.lowband_layout
+    return fields
 
 
 def api_key_headers(api_key: str | None) -> dict[str, str]:

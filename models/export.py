@@ -1,7 +1,8 @@
 """ONNX export of the codec's streaming steps, with the model card (card.json + metadata).
 
-``encoder.onnx``: ``step(pcm, *in_state) -> (codes, gain_index, *out_state)``
-``decoder.onnx``: ``step(codes, num_codebooks, gain_index, *in_state) -> (pcm, *out_state)``
+``encoder.onnx``: ``step(pcm, *in_state) -> (codes, gain_index, lowband, *out_state)``
+``decoder.onnx``: ``step(codes, num_codebooks, gain_index, lowband, lowband_mask, *in_state)
+-> (pcm, *out_state)``
 See docs/model-interface.md for names, shapes and the card's fields.
 """
 
@@ -22,7 +23,7 @@ from torch import nn
 from models.codec import CausalCodec, CodecConfig, count_parameters, mflops_per_second
 
 CARD_FORMAT = "codecstream-model"
-CARD_VERSION = 1
+CARD_VERSION = 2
 METADATA_KEY = "codecstream.card"
 OPSET = 17
 
@@ -41,8 +42,8 @@ class EncoderStep(nn.Module):
         self.model = model
 
     def forward(self, pcm: torch.Tensor, *states: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        codes, gain_index, new_states = self.model.encoder_step(pcm, list(states))
-        return (codes, gain_index, *new_states)
+        codes, gain_index, lowband, new_states = self.model.encoder_step(pcm, list(states))
+        return (codes, gain_index, lowband, *new_states)
 
 
 class DecoderStep(nn.Module):
@@ -51,8 +52,10 @@ class DecoderStep(nn.Module):
         self.model = model
 
     def forward(self, codes: torch.Tensor, num_codebooks: torch.Tensor, gain_index: torch.Tensor,
+                lowband: torch.Tensor, lowband_mask: torch.Tensor,
                 *states: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        pcm, new_states = self.model.decoder_step(codes, num_codebooks, gain_index, list(states))
+        pcm, new_states = self.model.decoder_step(codes, num_codebooks, gain_index, lowband,
+                                                  lowband_mask, list(states))
         return (pcm, *new_states)
 
 
@@ -115,16 +118,18 @@ def export_graphs(model: CausalCodec, out_dir: Path,
     dec_states = model.decoder_state_shapes()
     pcm = torch.zeros(batch, config.frame_size)
     enc_in = ["pcm"] + [f"in_{n}" for n, _ in enc_states]
-    enc_out = ["codes", "gain_index"] + [f"out_{n}" for n, _ in enc_states]
+    enc_out = ["codes", "gain_index", "lowband"] + [f"out_{n}" for n, _ in enc_states]
     with torch.no_grad():
         _export_graph(EncoderStep(model), (pcm, *model.initial_state("encoder", batch)),
                       out_dir / "encoder.onnx", enc_in, enc_out)
         codes = torch.zeros(batch, config.num_codebooks, dtype=torch.int64)
         counts = torch.full((batch,), config.num_codebooks, dtype=torch.int64)
         gains = torch.zeros(batch, dtype=torch.int64)
-        dec_in = ["codes", "num_codebooks", "gain_index"] + [f"in_{n}" for n, _ in dec_states]
+        lowband = torch.zeros(batch, config.lowband_bins)
+        dec_in = (["codes", "num_codebooks", "gain_index", "lowband", "lowband_mask"]
+                  + [f"in_{n}" for n, _ in dec_states])
         dec_out = ["pcm"] + [f"out_{n}" for n, _ in dec_states]
-        _export_graph(DecoderStep(model), (codes, counts, gains,
+        _export_graph(DecoderStep(model), (codes, counts, gains, lowband, lowband,
                                            *model.initial_state("decoder", batch)),
                       out_dir / "decoder.onnx", dec_in, dec_out)
 
@@ -135,10 +140,11 @@ def export_graphs(model: CausalCodec, out_dir: Path,
 
 
 def bitrates(config: CodecConfig) -> dict[str, float]:
-    """Nominal kbps per codebook count: (4 + gain bits + 10 * count) bits per frame."""
+    """Nominal kbps per codebook count without low band: (4 + gain bits + 1 + 10 * count)
+    bits per frame (the 1 bit: the low-band layout field saying "none")."""
     code_bits = int(np.log2(config.codebook_size))
     frames_per_s = config.sample_rate / config.frame_size
-    return {str(q): (4 + config.gain_bits + code_bits * q) * frames_per_s / 1000
+    return {str(q): (4 + config.gain_bits + 1 + code_bits * q) * frames_per_s / 1000
             for q in range(1, config.num_codebooks + 1)}
 
 
@@ -163,6 +169,7 @@ def build_card(model: CausalCodec, states: dict[str, list[dict[str, Any]]], mode
         "num_codebooks": config.num_codebooks,
         "codebook_size": config.codebook_size,
         "code_bits": int(np.log2(config.codebook_size)),
+        "lowband_bins": config.lowband_bins,
         "gain": {"bits": config.gain_bits, "min_db": config.gain_min_db,
                  "step_db": config.gain_step_db},
         "bitrates_kbps": bitrates(config),

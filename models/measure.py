@@ -31,30 +31,43 @@ class OnnxCodec:
                 for i in session.get_inputs() if i.name.startswith("in_")}
 
     def encode(self, pcm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """PCM [B, T*N] -> codes [B, T, Q], gain index [B, T], frame by frame."""
+        """PCM [B, T*N] -> codes [B, T, Q], gain index [B, T], frame by frame (the low band
+        of the shape, [B, T, K], is kept in ``self.lowband``)."""
         frame = self.encoder.get_inputs()[0].shape[1]
         states = self._zero_states(self.encoder, pcm.shape[0])
         names = [o.name for o in self.encoder.get_outputs()]
-        codes, gains = [], []
+        codes, gains, lowband = [], [], []
         for k in range(pcm.shape[1] // frame):
             feeds = {"pcm": pcm[:, k * frame:(k + 1) * frame].astype(np.float32), **states}
             out = dict(zip(names, self.encoder.run(names, feeds), strict=True))
             codes.append(out["codes"])
             gains.append(out["gain_index"])
+            lowband.append(out["lowband"])
             states = {n.replace("out_", "in_", 1): v for n, v in out.items()
                       if n.startswith("out_")}
+        self.lowband = np.stack(lowband, 1)
         return np.stack(codes, 1), np.stack(gains, 1)
 
-    def decode(self, codes: np.ndarray, gains: np.ndarray, count: int) -> np.ndarray:
-        """Codes [B, T, Q], gains [B, T] -> PCM [B, T*N] (lagging the input by the overlap)."""
+    def decode(self, codes: np.ndarray, gains: np.ndarray, count: int,
+               lowband: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+        """Codes [B, T, Q], gains [B, T] -> PCM [B, T*N] (lagging the input by the overlap).
+
+        ``lowband``: (values, mask) float32 [B, T, K] of sent low-band bins; None: no low band.
+        """
         batch = codes.shape[0]
+        width = self.decoder.get_inputs()[3].shape[1]
+        if lowband is None:
+            zeros = np.zeros((batch, codes.shape[1], width), dtype=np.float32)
+            lowband = (zeros, zeros)
         states = self._zero_states(self.decoder, batch)
         names = [o.name for o in self.decoder.get_outputs()]
         counts = np.full((batch,), count, dtype=np.int64)
         out_frames = []
         for k in range(codes.shape[1]):
             feeds = {"codes": codes[:, k].astype(np.int64), "num_codebooks": counts,
-                     "gain_index": gains[:, k].astype(np.int64), **states}
+                     "gain_index": gains[:, k].astype(np.int64),
+                     "lowband": lowband[0][:, k].astype(np.float32),
+                     "lowband_mask": lowband[1][:, k].astype(np.float32), **states}
             out = dict(zip(names, self.decoder.run(names, feeds), strict=True))
             out_frames.append(out["pcm"])
             states = {n.replace("out_", "in_", 1): v for n, v in out.items()

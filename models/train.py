@@ -49,6 +49,8 @@ class TrainConfig:
     weight_mdct: float = 0.2
     weight_lowband: float = 0.0
     lowband_hz: float = 1500.0
+    lowband_prob: float = 0.0
+    lowband_layouts: tuple[tuple[int, float], ...] = ((32, 3.5), (40, 1.25))
     weight_pitch: float = 1.0
     teacher_pitch_prob: float = 0.5
     weight_adv: float = 0.0
@@ -78,6 +80,25 @@ def idempotence_loss(model: CausalCodec, decoded: torch.Tensor, quantized: torch
     frames = min(relatents.shape[1], quantized.shape[1]) - 1  # last frame is incomplete
     diff = relatents[:, :frames] - quantized[:, :frames].detach()
     return diff.pow(2).mean()
+
+
+def sent_lowband(shape_low: torch.Tensor, prob: float,
+                 layouts: tuple[tuple[int, float], ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the streaming engine would send for a batch, for training the decoder with the
+    low band given: shape_low [B, T, K] -> (values, mask) [B, T, K].  Each row gets, with
+    probability `prob`, one of `layouts` ((bins, step), drawn uniformly), else none; values =
+    rint(shape / step) * step in the layout's bins (streaming/lowband.py, without the
+    clipping, which real speech almost never reaches)."""
+    batch = shape_low.shape[0]
+    values = torch.zeros_like(shape_low)
+    mask = torch.zeros_like(shape_low)
+    given = torch.rand(batch) < prob
+    choice = torch.randint(len(layouts), (batch,))
+    for row in torch.nonzero(given).flatten().tolist():
+        bins, step = layouts[int(choice[row])]
+        mask[row, :, :bins] = 1.0
+        values[row, :, :bins] = torch.round(shape_low[row, :, :bins].detach() / step) * step
+    return values, mask
 
 
 def pitch_losses(out: CodecOutput) -> tuple[torch.Tensor, torch.Tensor]:
@@ -165,7 +186,11 @@ class Trainer:
     def train_step(self, batch: np.ndarray) -> dict[str, float]:
         config = self.config
         pcm = torch.from_numpy(batch)
-        out = self.model(pcm, teacher_prob=config.teacher_pitch_prob)
+        lowband = None
+        if config.lowband_prob > 0:
+            def lowband(shape_low: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                return sent_lowband(shape_low, config.lowband_prob, config.lowband_layouts)
+        out = self.model(pcm, teacher_prob=config.teacher_pitch_prob, lowband=lowband)
         valid = pcm.shape[1] - config.codec.overlap  # last L samples are incomplete
         terms = self.loss(out.pcm[:, :valid], pcm[:, :valid])
         total = (config.weight_mel * terms["mel"] + config.weight_log_mag * terms["log_mag"]

@@ -2,10 +2,12 @@
 
 * `GET /healthz`: liveness (the process answers), always 200.
 * `GET /readyz`: 200 when the model is loaded and the engine worker alive, else 503.
-* `GET /v1/models`: the loaded model's card.
+* `GET /v1/models`: the loaded model's card, its per-codebook bitrates, its low-band layouts
+  and the bitrate modes of 1, 3 and 6 kbps.
 * `GET /metrics`: Prometheus text (server.metrics).
 * `POST /v1/encode`: WAV body -> bitstream file (docs/protocol.md, "Bitstream file");
-  query `bitrate_kbps` or `num_codebooks` (default 6 kbps).
+  query `bitrate_kbps` (the card's mode for that budget) or `num_codebooks` [+ `lowband_layout`]
+  (default: the 6 kbps mode); headers report the mode.
 * `POST /v1/decode`: bitstream file body -> 16-bit mono WAV at the model rate or
   `?sample_rate=` (8000, 16000, 24000, 48000).
 
@@ -31,10 +33,19 @@ from server.auth import AuthError, Lease
 from server.codes import SessionError
 from server.engine_worker import Fatal, Out
 from server.jobs import Done, EndMark, StreamJob, TokenOutput
-from server.messages import default_codebooks
+from server.messages import (
+    default_mode,
+    lowband_layouts,
+    mode_fields,
+    mode_of,
+    named_modes,
+    nominal_kbps,
+)
 from server.state import AppState
 from server.wav import WavError, read_wav, write_wav
 from streaming.framing import SUPPORTED_RATES, SampleFormat
+from streaming.lowband import LAYOUTS
+from streaming.model import BitrateMode, ModelCard
 from streaming.protocol import (
     BitstreamHeader,
     BitstreamWriter,
@@ -137,30 +148,70 @@ def _bitstream(header: BitstreamHeader, frames: list[TokenFrame]) -> bytes:
     return writer.finalize()
 
 
-def _codebooks_query(state: AppState, request: Request) -> int:
+def _mode_query(state: AppState, request: Request) -> BitrateMode:
+    """The bitrate mode of an encode query: `bitrate_kbps`, or `num_codebooks` with an optional
+    `lowband_layout`, else the default (6 kbps) mode; 400 `bad_query` otherwise."""
     card = state.card
     query = request.query_params
-    unknown = sorted(set(query) - {"bitrate_kbps", "num_codebooks", "api_key"})
+    unknown = sorted(set(query) - {"bitrate_kbps", "num_codebooks", "lowband_layout", "api_key"})
     if unknown:
         raise HttpError(400, "bad_query", f"unknown query parameter {unknown[0]!r}")
     if "bitrate_kbps" in query and "num_codebooks" in query:
         raise HttpError(400, "bad_query", "give bitrate_kbps or num_codebooks, not both")
+    if "lowband_layout" in query and "num_codebooks" not in query:
+        raise HttpError(
+            400, "bad_query", "lowband_layout is only valid together with num_codebooks"
+        )
     if "num_codebooks" in query:
         raw = query["num_codebooks"]
         if not raw.isdigit() or not 1 <= int(raw) <= card.num_codebooks:
             raise HttpError(
                 400, "bad_query", f"num_codebooks must be an integer in 1..{card.num_codebooks}"
             )
-        return int(raw)
+        layout = 0
+        if "lowband_layout" in query:
+            layouts = lowband_layouts(card)
+            raw_layout = query["lowband_layout"]
+            if not raw_layout.isdigit() or int(raw_layout) not in layouts:
+                raise HttpError(
+                    400,
+                    "bad_query",
+                    f"lowband_layout must be one of {', '.join(map(str, layouts))}",
+                )
+            layout = int(raw_layout)
+        return mode_of(card, int(raw), layout)
     if "bitrate_kbps" in query:
         try:
             kbps = float(query["bitrate_kbps"])
             if not math.isfinite(kbps):
                 raise ValueError("not finite")
-            return card.codebooks_for_bitrate(kbps)
+            return card.mode_for_bitrate(kbps)
         except ValueError as exc:
             raise HttpError(400, "bad_query", f"bitrate_kbps: {exc}") from None
-    return default_codebooks(card)
+    return default_mode(card)
+
+
+def _modes_entry(card: ModelCard) -> dict[str, Any]:
+    """What /v1/models says about bitrates: per-codebook rates without low band, the
+    low-band layouts, the named modes (1, 3, 6 kbps) and the default mode."""
+    return {
+        "default_num_codebooks": default_mode(card).num_codebooks,
+        "default_mode": mode_fields(default_mode(card)),
+        "bitrates_kbps": {
+            str(n): nominal_kbps(mode_of(card, n)) for n in range(1, card.num_codebooks + 1)
+        },
+        "lowband_layouts": {
+            str(lid): {
+                "bins": LAYOUTS[lid].bins,
+                "band_hz": [0.0, LAYOUTS[lid].bins * card.sample_rate / (2 * card.frame_size)],
+                "step": LAYOUTS[lid].step,
+                "mean_bits": LAYOUTS[lid].mean_bits,
+            }
+            for lid in lowband_layouts(card)
+            if lid
+        },
+        "modes": {f"{kbps:g}": mode_fields(mode) for kbps, mode in named_modes(card).items()},
+    }
 
 
 @router.get("/healthz")
@@ -201,8 +252,7 @@ async def models(request: Request) -> JSONResponse:
         "sample_rate": card.sample_rate,
         "frame_size": card.frame_size,
         "num_codebooks": card.num_codebooks,
-        "default_num_codebooks": default_codebooks(card),
-        "bitrates_kbps": {str(n): card.bitrate_kbps(n) for n in range(1, card.num_codebooks + 1)},
+        **_modes_entry(card),
         "algorithmic_latency_ms": card.algorithmic_latency_ms,
         "card": dict(card.raw),
     }
@@ -223,7 +273,7 @@ async def _encode(request: Request) -> Response:
     card = state.card
     lease = _admit(state, request, "http_encode")
     try:
-        num_codebooks = _codebooks_query(state, request)
+        mode = _mode_query(state, request)
         body = await _body(request, state.settings.max_upload_bytes)
         state.metrics.bytes_received.labels("http_encode").inc(len(body))
         try:
@@ -244,7 +294,7 @@ async def _encode(request: Request) -> Response:
             decode=False,
             rate=rate,
             fmt=SampleFormat.F32LE,
-            num_codebooks=num_codebooks,
+            mode=mode,
             tokens=TokenOutput.FRAMES,
             http=True,
         )
@@ -269,8 +319,9 @@ async def _encode(request: Request) -> Response:
         headers={
             "X-Codecstream-Model": card.model_id,
             "X-Codecstream-Frames": str(len(frames)),
-            "X-Codecstream-Num-Codebooks": str(num_codebooks),
-            "X-Codecstream-Bitrate-Kbps": f"{card.bitrate_kbps(num_codebooks):g}",
+            "X-Codecstream-Num-Codebooks": str(mode.num_codebooks),
+            "X-Codecstream-Lowband-Layout": str(mode.lowband_layout),
+            "X-Codecstream-Bitrate-Kbps": f"{nominal_kbps(mode):g}",
             "X-Codecstream-Late-Frames": str(done.late_frames),
         },
     )
@@ -349,7 +400,6 @@ async def _decode(request: Request) -> Response:
             decode=True,
             rate=rate,
             fmt=SampleFormat.S16LE,
-            num_codebooks=state.card.num_codebooks,
             tokens=TokenOutput.NONE,
             http=True,
         )

@@ -1,7 +1,7 @@
 """Engine-side jobs of the stream endpoints: encode, decode, roundtrip, HTTP file jobs.
 
 A `StreamJob` owns an `EncoderStream` and/or a `DecoderStream` and a FIFO of inputs in the
-order the client sent them: PCM chunks, token frames and control markers (`SetCodebooks`,
+order the client sent them: PCM chunks, token frames and control markers (`SetMode`,
 `FlushMark`, `EndMark`).  `feed` moves input into the streams only as far as the next frame
 needs (PCM in slices of one frame), so a burst waits in the FIFO, control messages apply
 exactly between the media sent before and after them, and the stream buffers never overflow.
@@ -30,9 +30,9 @@ import numpy as np
 import numpy.typing as npt
 
 from server.engine_worker import Job, Out, Sink
-from server.messages import clock_us, to_text
+from server.messages import clock_us, mode_fields, to_text
 from streaming.framing import SampleFormat
-from streaming.model import CodecModel
+from streaming.model import BitrateMode, CodecModel
 from streaming.protocol import (
     PACKET_HEADER_SIZE,
     PacketTimes,
@@ -49,7 +49,7 @@ __all__ = [
     "EndMark",
     "FlushMark",
     "PcmChunk",
-    "SetCodebooks",
+    "SetMode",
     "StreamJob",
     "TokenOutput",
 ]
@@ -62,10 +62,11 @@ PcmChunk: TypeAlias = bytes | npt.NDArray[np.float32]
 
 
 @dataclass(frozen=True, slots=True)
-class SetCodebooks:
-    """Keep `num_codebooks` from the frame completed by the next PCM on."""
+class SetMode:
+    """Encode with `mode` (codebooks and low-band layout) from the frame completed by the next
+    PCM on."""
 
-    num_codebooks: int
+    mode: BitrateMode
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,7 +109,7 @@ class _Drain:
         self.end = end
 
 
-_Item: TypeAlias = PcmChunk | TokenFrame | SetCodebooks | FlushMark | EndMark | _Drain
+_Item: TypeAlias = PcmChunk | TokenFrame | SetMode | FlushMark | EndMark | _Drain
 
 
 class StreamJob(Job):
@@ -117,7 +118,8 @@ class StreamJob(Job):
     * `encode`, `decode`: which streams exist (roundtrip: both, the encoder's frames go
       straight into the decoder);
     * `rate`, `fmt`: client PCM (input of the encoder, output of the decoder);
-    * `num_codebooks`: codebooks kept per encoded frame;
+    * `mode`: bitrate mode of encoded frames (codebooks kept, low-band layout); None: all Q
+      codebooks without low band (jobs that only decode);
     * `tokens`: how encoded frames are handed out; `stream_id`, `timestamps`: packet fields;
     * `http`: end with `Done` instead of an `end` message.
     """
@@ -132,7 +134,7 @@ class StreamJob(Job):
         decode: bool,
         rate: int,
         fmt: SampleFormat,
-        num_codebooks: int,
+        mode: BitrateMode | None = None,
         tokens: TokenOutput,
         stream_id: int = 0,
         timestamps: bool = False,
@@ -151,7 +153,8 @@ class StreamJob(Job):
                 model,
                 rate=rate,
                 fmt=fmt,
-                num_codebooks=num_codebooks,
+                num_codebooks=None if mode is None else mode.num_codebooks,
+                lowband_layout=0 if mode is None else mode.lowband_layout,
                 max_buffered_ms=4 * card.frame_ms,
             )
             if encode
@@ -219,8 +222,8 @@ class StreamJob(Job):
             return self._push_pcm(item, now)
         if self._busy():
             return False
-        if isinstance(item, SetCodebooks):
-            self._set_codebooks(item.num_codebooks)
+        if isinstance(item, SetMode):
+            self._set_mode(item.mode)
         elif isinstance(item, (FlushMark, EndMark)):
             if self.encoder is not None:
                 self.encoder.flush(now)
@@ -262,24 +265,14 @@ class StreamJob(Job):
         decoder.push(frame, now)
         return True
 
-    def _set_codebooks(self, n: int) -> None:
+    def _set_mode(self, mode: BitrateMode) -> None:
         encoder = self.encoder
         if encoder is None:
             return
-        encoder.set_num_codebooks(n)
+        encoder.set_mode(mode)
         if not self.http:
-            self.emit(
-                Out(
-                    to_text(
-                        {
-                            "type": "bitrate",
-                            "num_codebooks": n,
-                            "bitrate_kbps": self.card.bitrate_kbps(n),
-                            "from_frame": encoder.frames_encoded,
-                        }
-                    )
-                )
-            )
+            reply = {"type": "bitrate", **mode_fields(mode), "from_frame": encoder.frames_encoded}
+            self.emit(Out(to_text(reply)))
 
     def _finish_flush(self, end: bool) -> None:
         decoder = self.decoder

@@ -5,6 +5,11 @@ validates the first message of a session against its endpoint (docs/protocol.md,
 `parse_control` validates every later text message.  Every failure raises `SessionError`
 with the close code of the table in docs/protocol.md and a reason naming the field.
 
+Bitrates are **modes** (`streaming.model.BitrateMode`: codebooks kept and low-band layout):
+`bitrate_kbps` selects the card's mode for that budget (`ModelCard.mode_for_bitrate`),
+`num_codebooks` an exact count without low band, or with `lowband_layout` (0, 1, 2) an exact
+mode (expert use).  Replies report a mode with `mode_fields`.
+
 Server messages are built by `ready_message` & co and serialised by `to_text` (compact JSON).
 Times on the wire are the server clock in microseconds modulo 2**32 (`clock_us`), derived
 from `time.perf_counter` (seconds), the clock of every latency record of the engine.
@@ -20,7 +25,8 @@ from typing import Any, Final
 
 from server.codes import CloseCode, SessionError
 from streaming.framing import SUPPORTED_RATES, SampleFormat
-from streaming.model import ModelCard
+from streaming.lowband import LAYOUTS, LOWBAND_LAYOUT_NONE
+from streaming.model import BitrateMode, ModelCard
 from streaming.protocol import ProtocolError, TokenPacket, packet_from_json
 
 __all__ = [
@@ -36,6 +42,12 @@ __all__ = [
     "SetBitrate",
     "TokenForm",
     "clock_us",
+    "default_mode",
+    "lowband_layouts",
+    "mode_fields",
+    "mode_of",
+    "named_modes",
+    "nominal_kbps",
     "parse_control",
     "parse_hello",
     "parse_text",
@@ -46,7 +58,10 @@ PROTOCOL_VERSION: Final = 1
 """Version of the session protocol (hello `version`)."""
 
 DEFAULT_BITRATE_KBPS: Final = 6.0
-"""Bitrate of produced frames when the hello names none (11 codebooks on the default model)."""
+"""Bitrate budget of produced frames when the hello names none (`default_mode`)."""
+
+NAMED_BITRATES_KBPS: Final = (1.0, 3.0, 6.0)
+"""The advertised bitrates: /v1/models lists the mode each one selects (`named_modes`)."""
 
 MAX_NAME_CHARS: Final = 64
 """Longest room display name."""
@@ -88,12 +103,14 @@ class TokenForm(StrEnum):
 
 @dataclass(frozen=True)
 class Hello:
-    """A validated hello.  `num_codebooks` is resolved from `bitrate_kbps` (or the default)."""
+    """A validated hello.  `mode` (codebooks and low-band layout of produced frames) is
+    resolved from `bitrate_kbps`, `num_codebooks` [+ `lowband_layout`] or the default; on
+    endpoints that produce no frames it is all Q codebooks without low band."""
 
     endpoint: Endpoint
     sample_rate: int
     fmt: SampleFormat
-    num_codebooks: int
+    mode: BitrateMode
     tokens: TokenForm
     return_tokens: bool
     timestamps: bool
@@ -101,6 +118,16 @@ class Hello:
     send: Media
     receive: Media
     name: str
+
+    @property
+    def num_codebooks(self) -> int:
+        """Codebooks kept per produced frame (`mode.num_codebooks`)."""
+        return self.mode.num_codebooks
+
+    @property
+    def lowband_layout(self) -> int:
+        """Low-band layout of produced frames (`mode.lowband_layout`, 0: none)."""
+        return self.mode.lowband_layout
 
     @property
     def sends_pcm(self) -> bool:
@@ -122,9 +149,10 @@ class Hello:
 
 @dataclass(frozen=True)
 class SetBitrate:
-    """`set_bitrate`: keep `num_codebooks` codebooks from the next frame on."""
+    """`set_bitrate`: encode with `mode` (codebooks and low-band layout) from the next frame
+    on."""
 
-    num_codebooks: int
+    mode: BitrateMode
 
 
 @dataclass(frozen=True)
@@ -199,19 +227,49 @@ def _get_choice(obj: dict[str, Any], key: str, choices: tuple[str, ...]) -> str:
     return value
 
 
-def _codebooks(obj: dict[str, Any], card: ModelCard, default: int | None) -> int:
-    """`num_codebooks` or `bitrate_kbps` of `obj` (at most one), else `default`."""
+def mode_of(card: ModelCard, num_codebooks: int, lowband_layout: int = LOWBAND_LAYOUT_NONE
+            ) -> BitrateMode:
+    """The mode of an explicit codebook count and low-band layout (values already checked),
+    with its nominal bitrate."""
+    return BitrateMode(
+        num_codebooks, lowband_layout, card.bitrate_kbps(num_codebooks, lowband_layout)
+    )
+
+
+def lowband_layouts(card: ModelCard) -> list[int]:
+    """Low-band layouts `card` can send: 0 (none) and every layout within its `lowband_bins`."""
+    usable = (lid for lid, spec in sorted(LAYOUTS.items()) if spec.bins <= card.lowband_bins)
+    return [LOWBAND_LAYOUT_NONE, *usable]
+
+
+def _mode(obj: dict[str, Any], card: ModelCard, default: BitrateMode | None) -> BitrateMode:
+    """The mode of `obj`: `bitrate_kbps` (the card's mode for that budget), or `num_codebooks`
+    with an optional `lowband_layout` (default 0), else `default`."""
     has_n, has_kbps = "num_codebooks" in obj, "bitrate_kbps" in obj
     if has_n and has_kbps:
         raise _bad("give bitrate_kbps or num_codebooks, not both")
+    if "lowband_layout" in obj and not has_n:
+        raise _bad("lowband_layout is only valid together with num_codebooks (bitrate_kbps "
+                   "chooses the layout itself)")
     if has_n:
-        return _get_int(obj, "num_codebooks", 1, card.num_codebooks)
+        n = _get_int(obj, "num_codebooks", 1, card.num_codebooks)
+        layout = LOWBAND_LAYOUT_NONE
+        if "lowband_layout" in obj:
+            value = obj["lowband_layout"]
+            layouts = lowband_layouts(card)
+            if type(value) is not int or value not in layouts:
+                raise _bad(
+                    f"lowband_layout must be one of {', '.join(map(str, layouts))}, "
+                    f"got {json.dumps(value)[:40]}"
+                )
+            layout = value
+        return mode_of(card, n, layout)
     if has_kbps:
         kbps = obj["bitrate_kbps"]
         if isinstance(kbps, bool) or not isinstance(kbps, (int, float)) or not math.isfinite(kbps):
             raise _bad(f"bitrate_kbps must be a number, got {json.dumps(kbps)[:40]}")
         try:
-            return card.codebooks_for_bitrate(float(kbps))
+            return card.mode_for_bitrate(float(kbps))
         except ValueError as exc:
             raise _bad(f"bitrate_kbps: {exc}") from None
     if default is None:
@@ -219,18 +277,47 @@ def _codebooks(obj: dict[str, Any], card: ModelCard, default: int | None) -> int
     return default
 
 
-def default_codebooks(card: ModelCard) -> int:
-    """Codebooks of the default bitrate (6 kbps), or Q when even 1 codebook is above it."""
+def default_mode(card: ModelCard) -> BitrateMode:
+    """The mode of the default bitrate (6 kbps), or all Q codebooks when even 1 codebook is
+    above it."""
     try:
-        return card.codebooks_for_bitrate(DEFAULT_BITRATE_KBPS)
+        return card.mode_for_bitrate(DEFAULT_BITRATE_KBPS)
     except ValueError:
-        return card.num_codebooks
+        return mode_of(card, card.num_codebooks)
+
+
+def named_modes(card: ModelCard) -> dict[float, BitrateMode]:
+    """The mode each advertised bitrate (1, 3, 6 kbps) selects on `card` (bitrates below the
+    card's lowest one are left out)."""
+    out: dict[float, BitrateMode] = {}
+    for kbps in NAMED_BITRATES_KBPS:
+        try:
+            out[kbps] = card.mode_for_bitrate(kbps)
+        except ValueError:
+            continue
+    return out
+
+
+def nominal_kbps(mode: BitrateMode) -> float:
+    """The mode's nominal payload bitrate as replies report it: `mode.kbps` rounded to 4
+    decimals (0.1 bit/s; the sum of float terms is not exact, e.g. 3.6760000000000006)."""
+    return round(mode.kbps, 4)
+
+
+def mode_fields(mode: BitrateMode) -> dict[str, Any]:
+    """How replies report a mode: `num_codebooks`, `lowband_layout`, `bitrate_kbps` (the
+    mode's nominal payload bitrate, kbps: `nominal_kbps`)."""
+    return {
+        "num_codebooks": mode.num_codebooks,
+        "lowband_layout": mode.lowband_layout,
+        "bitrate_kbps": nominal_kbps(mode),
+    }
 
 
 # ---- hello --------------------------------------------------------------------------------
 
 _PCM_FIELDS: Final = ("sample_rate", "format")
-_BITRATE_FIELDS: Final = ("bitrate_kbps", "num_codebooks")
+_BITRATE_FIELDS: Final = ("bitrate_kbps", "num_codebooks", "lowband_layout")
 _ALL_FIELDS: Final = frozenset(
     {
         "type",
@@ -350,9 +437,7 @@ def parse_hello(obj: dict[str, Any], endpoint: Endpoint, card: ModelCard) -> Hel
         raise _bad(f"hello: field {misplaced[0]!r} is not valid for {where}")
     rate, fmt = _pcm_format(obj, card)
     produces = endpoint in (Endpoint.ENCODE, Endpoint.ROUNDTRIP) or send is Media.PCM
-    num_codebooks = (
-        _codebooks(obj, card, default_codebooks(card)) if produces else card.num_codebooks
-    )
+    mode = _mode(obj, card, default_mode(card)) if produces else mode_of(card, card.num_codebooks)
     name = obj.get("name", "")
     if not isinstance(name, str) or len(name) > MAX_NAME_CHARS:
         raise _bad(f"name must be a string of at most {MAX_NAME_CHARS} characters")
@@ -360,7 +445,7 @@ def parse_hello(obj: dict[str, Any], endpoint: Endpoint, card: ModelCard) -> Hel
         endpoint=endpoint,
         sample_rate=rate,
         fmt=fmt,
-        num_codebooks=num_codebooks,
+        mode=mode,
         tokens=_tokens(obj, endpoint),
         return_tokens=_get_bool(obj, "return_tokens") if "return_tokens" in obj else False,
         timestamps=_get_bool(obj, "timestamps") if "timestamps" in obj else False,
@@ -411,7 +496,7 @@ def parse_control(obj: dict[str, Any], hello: Hello, card: ModelCard) -> Control
         )
         raise _bad(f"{kind} is not valid on {where}")
     if kind == "set_bitrate":
-        return SetBitrate(_codebooks(obj, card, None))
+        return SetBitrate(_mode(obj, card, None))
     if kind == "flush":
         return Flush()
     if kind == "end":

@@ -28,7 +28,7 @@ from server.engine_worker import Job, Sink
 from server.jobs import StreamJob, TokenOutput
 from streaming.framing import OutputFramer, SampleFormat
 from streaming.jitter import JitterBuffer, JitterConfig, PlayoutKind
-from streaming.model import CodecModel
+from streaming.model import BitrateMode, CodecModel
 from streaming.protocol import TokenFrame, TokenPacket
 from streaming.stream import DecoderStream, EncoderStream
 
@@ -173,7 +173,7 @@ class RoomSenderJob(StreamJob):
         pid: int,
         rate: int,
         fmt: SampleFormat,
-        num_codebooks: int,
+        mode: BitrateMode,
         timestamps: bool,
     ) -> None:
         super().__init__(
@@ -184,7 +184,7 @@ class RoomSenderJob(StreamJob):
             decode=False,
             rate=rate,
             fmt=fmt,
-            num_codebooks=num_codebooks,
+            mode=mode,
             tokens=TokenOutput.BINARY,
             stream_id=pid,
             timestamps=timestamps,

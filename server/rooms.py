@@ -28,7 +28,7 @@ from starlette.websockets import WebSocket
 from server.auth import Lease
 from server.codes import CloseCode, SessionError
 from server.engine_worker import Fatal, Out
-from server.jobs import SERVER_SEND_OFFSET, SetCodebooks
+from server.jobs import SERVER_SEND_OFFSET, SetMode
 from server.messages import Control, End, Endpoint, Hello, Media, SetBitrate, clock_us, to_text
 from server.metrics import Metrics
 from server.mixer import MixJoin, MixLeave, MixOut, MixPacket, RoomMixer, RoomSenderJob
@@ -220,7 +220,7 @@ class RoomSession(Session):
                 pid=pid,
                 rate=hello.sample_rate,
                 fmt=hello.fmt,
-                num_codebooks=hello.num_codebooks,
+                mode=hello.mode,
                 timestamps=hello.timestamps,
             )
             state.worker.add(self.job, near=room.mixer)  # it feeds the mixer directly
@@ -311,7 +311,7 @@ class RoomSession(Session):
 
     def _on_control(self, control: Control) -> None:
         if isinstance(control, SetBitrate) and self.job is not None:
-            self.state.worker.submit(self.job, SetCodebooks(control.num_codebooks))
+            self.state.worker.submit(self.job, SetMode(control.mode))
         elif isinstance(control, End):
             self._leave_reason = "end"
             frames = self.job.frames_out if self.job is not None else self.frames_in

@@ -37,7 +37,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from server.auth import Lease
 from server.codes import CloseCode, SessionError, close_reason, protocol_error_close
 from server.engine_worker import Fatal, Out
-from server.jobs import EndMark, FlushMark, SetCodebooks, StreamJob, TokenOutput
+from server.jobs import EndMark, FlushMark, SetMode, StreamJob, TokenOutput
 from server.messages import (
     PROTOCOL_VERSION,
     Control,
@@ -49,6 +49,7 @@ from server.messages import (
     Ping,
     SetBitrate,
     clock_us,
+    mode_fields,
     parse_control,
     parse_hello,
     parse_text,
@@ -346,11 +347,10 @@ class Session:
             "frame_size": card.frame_size,
             "frame_ms": card.frame_ms,
             "frame_samples": card.frame_size * hello.sample_rate // card.sample_rate,
-            "num_codebooks": hello.num_codebooks,
+            **mode_fields(hello.mode),
             "max_codebooks": card.num_codebooks,
             "code_bits": card.code_bits,
             "gain_bits": card.gain.bits,
-            "bitrate_kbps": card.bitrate_kbps(hello.num_codebooks),
             "timestamps": hello.timestamps,
             "max_message_bytes": self.settings.max_message_bytes,
             "idle_timeout_s": self.settings.idle_timeout_s if self.idle_timeout else None,
@@ -429,7 +429,7 @@ class StreamSession(Session):
             decode=endpoint is not Endpoint.ENCODE,
             rate=hello.sample_rate,
             fmt=hello.fmt,
-            num_codebooks=hello.num_codebooks,
+            mode=hello.mode,
             tokens=tokens,
             stream_id=self.stream_id,
             timestamps=hello.timestamps,
@@ -471,7 +471,7 @@ class StreamSession(Session):
 
     def _on_control(self, control: Control) -> None:
         if isinstance(control, SetBitrate):
-            self._submit(SetCodebooks(control.num_codebooks))
+            self._submit(SetMode(control.mode))
         elif isinstance(control, Flush):
             self._submit(FlushMark())
         elif isinstance(control, End):

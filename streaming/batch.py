@@ -87,6 +87,7 @@ class _EncoderBuffers:
         self.states_out = _PackedStates(card.encoder.states, capacity)
         self.codes: I64 = np.zeros((capacity, card.num_codebooks), dtype=np.int64)
         self.gain: I64 = np.zeros(capacity, dtype=np.int64)
+        self.lowband: F32 = np.zeros((capacity, card.lowband_bins), dtype=np.float32)
         self.ready: F64 = np.zeros(capacity, dtype=np.float64)
         self._steps: dict[int, PreparedStep] = {}
 
@@ -99,6 +100,7 @@ class _EncoderBuffers:
                 [a[:batch] for a in self.states_in.tensors],
                 self.codes[:batch],
                 self.gain[:batch],
+                self.lowband[:batch],
                 [a[:batch] for a in self.states_out.tensors],
             )
         return step
@@ -109,6 +111,7 @@ class _EncoderBuffers:
             self.pcm,
             self.codes,
             self.gain,
+            self.lowband,
             self.ready,
         ]
         states = self.states_in.nbytes + self.states_out.nbytes
@@ -123,6 +126,8 @@ class _DecoderBuffers:
         self.codes: I64 = np.zeros((capacity, card.num_codebooks), dtype=np.int64)
         self.counts: I64 = np.ones(capacity, dtype=np.int64)
         self.gain: I64 = np.zeros(capacity, dtype=np.int64)
+        self.lowband: F32 = np.zeros((capacity, card.lowband_bins), dtype=np.float32)
+        self.mask: F32 = np.zeros((capacity, card.lowband_bins), dtype=np.float32)
         self.states_in = _PackedStates(card.decoder.states, capacity)
         self.states_out = _PackedStates(card.decoder.states, capacity)
         self.pcm: F32 = np.zeros((capacity, card.frame_size), dtype=np.float32)
@@ -137,6 +142,8 @@ class _DecoderBuffers:
                 self.codes[:batch],
                 self.counts[:batch],
                 self.gain[:batch],
+                self.lowband[:batch],
+                self.mask[:batch],
                 [a[:batch] for a in self.states_in.tensors],
                 self.pcm[:batch],
                 [a[:batch] for a in self.states_out.tensors],
@@ -150,6 +157,8 @@ class _DecoderBuffers:
             self.codes,
             self.counts,
             self.gain,
+            self.lowband,
+            self.mask,
             self.ready,
         ]
         states = self.states_in.nbytes + self.states_out.nbytes
@@ -248,7 +257,7 @@ class BatchEngine:
         end = self.clock()
         for row, i in enumerate(due):
             results[i] = streams[i]._finish_frame(
-                buf.codes[row], gains[row], float(buf.ready[row]), start, end, b
+                buf.codes[row], gains[row], buf.lowband[row], float(buf.ready[row]), start, end, b
             )
         self.encode_batches += 1
         self.encode_compute.add(1000.0 * (end - start))
@@ -292,7 +301,9 @@ class BatchEngine:
         start = self.clock()
         for row, i in enumerate(due):
             stream = streams[i]
-            buf.ready[row] = stream._take_frame(buf.codes[row], buf.counts, buf.gain, row)
+            buf.ready[row] = stream._take_frame(
+                buf.codes[row], buf.counts, buf.gain, buf.lowband[row], buf.mask[row], row
+            )
             stream.state.gather_into(buf.states_in.packed, row)
         buf.states_in.unpack(b)
         buf.step(self.model, b).run()

@@ -30,6 +30,8 @@ import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
 
+from streaming.lowband import LAYOUTS, LOWBAND_LAYOUT_NONE, MAX_LOWBAND_BINS
+
 __all__ = [
     "CARD_FORMAT",
     "CARD_FORMAT_VERSION",
@@ -53,7 +55,7 @@ I64: TypeAlias = npt.NDArray[np.int64]
 CARD_FORMAT: Final = "codecstream-model"
 """Value of the card's "format" field."""
 
-CARD_FORMAT_VERSION: Final = 1
+CARD_FORMAT_VERSION: Final = 2
 """The card format version this module reads."""
 
 CARD_METADATA_KEY: Final = "codecstream.card"
@@ -78,6 +80,7 @@ _INTERFACE_FIELDS: Final = (
     "num_codebooks",
     "codebook_size",
     "code_bits",
+    "lowband_bins",
     "gain",
     "encoder",
     "decoder",
@@ -156,6 +159,16 @@ class GainSpec:
 
 
 @dataclass(frozen=True)
+class BitrateMode:
+    """What an encoder sends per frame: `num_codebooks` (1..Q) and `lowband_layout` (0 = none,
+    else a layout of streaming/lowband.py); `kbps`: the nominal payload bitrate."""
+
+    num_codebooks: int
+    lowband_layout: int
+    kbps: float
+
+
+@dataclass(frozen=True)
 class ModelCard:
     """Typed, validated `card.json` (docs/model-interface.md).
 
@@ -173,6 +186,7 @@ class ModelCard:
     num_codebooks: int
     codebook_size: int
     code_bits: int
+    lowband_bins: int
     gain: GainSpec
     bitrates_kbps: Mapping[int, float]
     encoder: GraphSpec
@@ -203,22 +217,52 @@ class ModelCard:
         return self.frame_ms + self.output_delay_ms
 
     def frame_bits(self, num_codebooks: int) -> int:
-        """Payload bits of one frame: 4 (count) + gain bits + `num_codebooks` * code bits."""
-        return 4 + self.gain.bits + num_codebooks * self.code_bits
+        """Payload bits of one frame without low band: 4 (count) + gain bits + 1 (layout
+        field) + `num_codebooks` * code bits (21 bits = 1.05 kbps for one codebook)."""
+        return 4 + self.gain.bits + 1 + num_codebooks * self.code_bits
 
-    def bitrate_kbps(self, num_codebooks: int) -> float:
-        """Payload bitrate in kbps when every frame keeps `num_codebooks` codebooks."""
-        return self.frame_bits(num_codebooks) * self.frames_per_second / 1000.0
+    def bitrate_kbps(self, num_codebooks: int, lowband_layout: int = LOWBAND_LAYOUT_NONE) -> float:
+        """Nominal payload bitrate in kbps of `num_codebooks` codebooks per frame, and of a
+        low-band layout: then the layout's mode rate plus 0.5 kbps (10 bits a frame) per
+        codebook beyond the mode's (the low band's size varies with the signal; measured
+        rates are in docs/quality.md)."""
+        if lowband_layout == LOWBAND_LAYOUT_NONE:
+            return round(self.frame_bits(num_codebooks) * self.frames_per_second / 1000.0, 6)
+        spec = LAYOUTS[lowband_layout]
+        extra = (num_codebooks - spec.mode_codebooks) * self.code_bits
+        return round(spec.mode_kbps + extra * self.frames_per_second / 1000.0, 6)
+
+    def _fits(self, rate_kbps: float, budget_kbps: float) -> bool:
+        """A nominal rate meets a budget within one bit per frame (0.05 kbps at 50 frames/s:
+        the 1-codebook mode, 21 bits a frame, is the "1 kbps" mode)."""
+        return rate_kbps <= budget_kbps + self.frames_per_second / 1000.0 + 1e-9
+
+    def mode_for_bitrate(self, kbps: float) -> BitrateMode:
+        """The bitrate mode for a budget of `kbps`: the finest low-band layout whose mode fits
+        (none when none fits), with as many codebooks as fit (at least the layout mode's).
+        ValueError when even one codebook without low band does not fit.
+
+        On the default card: 1 kbps -> 1 codebook; 3 kbps -> 2 codebooks + layout 1;
+        6 kbps -> 3 codebooks + layout 2; 7 kbps -> 5 codebooks + layout 2.
+        """
+        layouts = [lid for lid in sorted(LAYOUTS, reverse=True)
+                   if LAYOUTS[lid].bins <= self.lowband_bins]
+        for layout_id in [*layouts, LOWBAND_LAYOUT_NONE]:
+            low = LAYOUTS[layout_id].mode_codebooks if layout_id else 1
+            fits = [n for n in range(low, self.num_codebooks + 1)
+                    if self._fits(self.bitrate_kbps(n, layout_id), kbps)]
+            if fits:
+                n = max(fits)
+                return BitrateMode(n, layout_id, self.bitrate_kbps(n, layout_id))
+        raise ValueError(f"{kbps} kbps is below the lowest bitrate {self.bitrate_kbps(1)} kbps")
 
     def codebooks_for_bitrate(self, kbps: float) -> int:
-        """Most codebooks whose payload bitrate is at most `kbps`; ValueError if none fits."""
-        best = 0
-        for n in range(1, self.num_codebooks + 1):
-            if self.bitrate_kbps(n) <= kbps + 1e-9:
-                best = n
-        if best == 0:
+        """Most codebooks without low band whose bitrate fits `kbps` (ValueError if none)."""
+        fits = [n for n in range(1, self.num_codebooks + 1)
+                if self._fits(self.bitrate_kbps(n), kbps)]
+        if not fits:
             raise ValueError(f"{kbps} kbps is below the lowest bitrate {self.bitrate_kbps(1)} kbps")
-        return best
+        return max(fits)
 
     # ---- parsing --------------------------------------------------------------------------
 
@@ -263,6 +307,7 @@ class ModelCard:
             raise ModelError(
                 f"{source}: codebook_size {codebook_size} != 2**code_bits = {1 << code_bits}"
             )
+        lowband_bins = p.integer(obj, "lowband_bins", MAX_LOWBAND_BINS, frame_size)
         gain_obj = p.mapping(p.required(obj, "gain"), "gain")
         gain = GainSpec(
             p.integer(gain_obj, "bits", 1, MAX_FIELD_BITS, where="gain"),
@@ -287,6 +332,7 @@ class ModelCard:
             num_codebooks=q,
             codebook_size=codebook_size,
             code_bits=code_bits,
+            lowband_bins=lowband_bins,
             gain=gain,
             bitrates_kbps=bitrates,
             encoder=p.graph(obj, "encoder"),
@@ -753,6 +799,7 @@ class CodecModel:
         states_in: Sequence[F32],
         codes: I64,
         gain_index: I64,
+        lowband: F32,
         states_out: Sequence[F32],
         *,
         check: bool = True,
@@ -764,13 +811,15 @@ class CodecModel:
           outputs must not overlap inputs (use two buffers and swap).
         * `codes`: int64 [B, Q], written: all Q RVQ indices.
         * `gain_index`: int64 [B], written.
+        * `lowband`: float32 [B, K], written: the first K = `card.lowband_bins` MDCT bins
+          divided by the frame's quantised gain (what a low-band layout quantises).
 
         `check=False` skips the dtype / shape / contiguity / overlap checks (for callers whose
         buffers are built to fit, like the streams and the batch engine); wrong arrays then
         corrupt memory.
         """
         inputs: list[npt.NDArray[Any]] = [pcm, *states_in]
-        outputs: list[npt.NDArray[Any]] = [codes, gain_index, *states_out]
+        outputs: list[npt.NDArray[Any]] = [codes, gain_index, lowband, *states_out]
         if check:
             _check_step("encoder_step", self._encoder, inputs, outputs)
         self._encoder.run(inputs, outputs)
@@ -780,6 +829,8 @@ class CodecModel:
         codes: I64,
         num_codebooks: I64,
         gain_index: I64,
+        lowband: F32,
+        lowband_mask: F32,
         states_in: Sequence[F32],
         pcm: F32,
         states_out: Sequence[F32],
@@ -791,13 +842,17 @@ class CodecModel:
         * `codes`: int64 [B, Q]; entries at or beyond a stream's count must be 0.
         * `num_codebooks`: int64 [B], each 1..Q.
         * `gain_index`: int64 [B], each in [0, 2**gain.bits).
+        * `lowband`, `lowband_mask`: float32 [B, K]: sent low-band values (index * step) and
+          1 where a value is sent, 0 elsewhere (all zeros: no low band).
         * `states_in`, `states_out`: float32 [B, *shape] per `card.decoder.states`.
         * `pcm`: float32 [B, N], written: N model-rate samples per stream, delayed by
           `card.output_delay_samples` relative to the encoder input.
 
         `check`: as for `encoder_step`.
         """
-        inputs: list[npt.NDArray[Any]] = [codes, num_codebooks, gain_index, *states_in]
+        inputs: list[npt.NDArray[Any]] = [
+            codes, num_codebooks, gain_index, lowband, lowband_mask, *states_in
+        ]
         outputs: list[npt.NDArray[Any]] = [pcm, *states_out]
         if check:
             _check_step("decoder_step", self._decoder, inputs, outputs)
@@ -809,11 +864,12 @@ class CodecModel:
         states_in: Sequence[F32],
         codes: I64,
         gain_index: I64,
+        lowband: F32,
         states_out: Sequence[F32],
     ) -> PreparedStep:
         """`encoder_step` on these arrays, checked and bound once: `.run()` repeats it."""
         inputs: list[npt.NDArray[Any]] = [pcm, *states_in]
-        outputs: list[npt.NDArray[Any]] = [codes, gain_index, *states_out]
+        outputs: list[npt.NDArray[Any]] = [codes, gain_index, lowband, *states_out]
         _check_step("encoder step", self._encoder, inputs, outputs)
         return PreparedStep(self._encoder, inputs, outputs)
 
@@ -822,12 +878,16 @@ class CodecModel:
         codes: I64,
         num_codebooks: I64,
         gain_index: I64,
+        lowband: F32,
+        lowband_mask: F32,
         states_in: Sequence[F32],
         pcm: F32,
         states_out: Sequence[F32],
     ) -> PreparedStep:
         """`decoder_step` on these arrays, checked and bound once: `.run()` repeats it."""
-        inputs: list[npt.NDArray[Any]] = [codes, num_codebooks, gain_index, *states_in]
+        inputs: list[npt.NDArray[Any]] = [
+            codes, num_codebooks, gain_index, lowband, lowband_mask, *states_in
+        ]
         outputs: list[npt.NDArray[Any]] = [pcm, *states_out]
         _check_step("decoder step", self._decoder, inputs, outputs)
         return PreparedStep(self._decoder, inputs, outputs)
@@ -843,6 +903,7 @@ def _encoder_tensors(card: ModelCard) -> tuple[list[_Tensor], list[_Tensor]]:
     outputs = [
         _Tensor("codes", _ORT_INT64, (card.num_codebooks,)),
         _Tensor("gain_index", _ORT_INT64, ()),
+        _Tensor("lowband", _ORT_FLOAT, (card.lowband_bins,)),
     ]
     outputs += [_Tensor(s.output_name, _ORT_FLOAT, s.shape) for s in states]
     return inputs, outputs
@@ -854,6 +915,8 @@ def _decoder_tensors(card: ModelCard) -> tuple[list[_Tensor], list[_Tensor]]:
         _Tensor("codes", _ORT_INT64, (card.num_codebooks,)),
         _Tensor("num_codebooks", _ORT_INT64, ()),
         _Tensor("gain_index", _ORT_INT64, ()),
+        _Tensor("lowband", _ORT_FLOAT, (card.lowband_bins,)),
+        _Tensor("lowband_mask", _ORT_FLOAT, (card.lowband_bins,)),
     ]
     inputs += [_Tensor(s.input_name, _ORT_FLOAT, s.shape) for s in states]
     outputs = [_Tensor("pcm", _ORT_FLOAT, (card.frame_size,))]

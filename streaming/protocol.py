@@ -4,8 +4,10 @@ Three encodings of the same codec tokens, all versioned and big-endian (network 
 
 * **frame payload**: one 20 ms frame of tokens, bit-packed MSB first as fixed by
   docs/model-interface.md: `num_codebooks` (4 bits, 1..15), `gain_index` (`gain_bits` bits),
-  then `num_codebooks` codes of `code_bits` bits each.  A frame of n codebooks takes
-  `4 + gain_bits + n * code_bits` bits (20 bits = 1.0 kbps at 50 frames/s for n=1, 10/6 bits).
+  the low-band layout as a prefix code (`0` none, `10` layout 1, `11` layout 2), then
+  `num_codebooks` codes of `code_bits` bits each, then (layouts 1 and 2 only) the Huffman-coded
+  low-band indices (streaming/lowband.py).  A frame of n codebooks without low band takes
+  `4 + gain_bits + 1 + n * code_bits` bits (21 bits = 1.05 kbps at 50 frames/s for n=1).
 * **token packet** (one WebSocket binary message): a 14-byte header (magic, version, type,
   flags, stream id u32, sequence number u16, capture timestamp u32 in µs), an optional 12-byte
   block of profiling timestamps (flag bit 0), then exactly one frame payload padded with zero
@@ -42,15 +44,19 @@ from typing import Final, TypeAlias
 import numpy as np
 import numpy.typing as npt
 
+from streaming.lowband import LAYOUTS, LOWBAND_LAYOUT_NONE, MAX_LOWBAND_BINS
+
 __all__ = [
     "EXT_TAG_SOURCE",
     "FILE_FORMAT_VERSION",
     "FILE_HEADER_FIXED_SIZE",
     "FILE_MAGIC",
     "FLAG_TIMES",
+    "LOWBAND_LAYOUT_NONE",
     "MAX_CODEBOOKS",
     "MAX_FIELD_BITS",
     "MAX_FILE_HEADER_SIZE",
+    "MAX_LOWBAND_BINS",
     "MAX_MODEL_ID_BYTES",
     "PACKET_HEADER_SIZE",
     "PACKET_MAGIC",
@@ -103,11 +109,11 @@ Int64Array: TypeAlias = npt.NDArray[np.int64]
 # Versions and constants
 # --------------------------------------------------------------------------------------------
 
-PROTOCOL_VERSION: Final = 1
-"""Version of the token packet (byte 1 of every packet) and of the JSON form."""
+PROTOCOL_VERSION: Final = 2
+"""Version of the token packet (byte 1 of every packet) and of the JSON form (2: low band)."""
 
-FILE_FORMAT_VERSION: Final = 1
-"""Version of the bitstream file (byte 4 of the file)."""
+FILE_FORMAT_VERSION: Final = 2
+"""Version of the bitstream file (byte 4 of the file; 2: frames carry the low-band field)."""
 
 PACKET_MAGIC: Final = 0xC5
 """First byte of every token packet."""
@@ -272,18 +278,33 @@ def _check_params(code_bits: int, gain_bits: int, max_codebooks: int | None = No
         raise ValueError(f"max_codebooks must be in 1..{MAX_CODEBOOKS}, got {max_codebooks}")
 
 
-def frame_bits(num_codebooks: int, *, code_bits: int, gain_bits: int) -> int:
-    """Bits of one frame payload: `4 + gain_bits + num_codebooks * code_bits`.
+def lowband_flag_bits(layout_id: int) -> int:
+    """Bits of the low-band layout field: 1 for no low band (`0`), 2 for layouts 1, 2 (`1x`)."""
+    return 1 if layout_id == LOWBAND_LAYOUT_NONE else 2
 
-    With code_bits=10, gain_bits=6: 1 codebook = 20 bits (1.0 kbps at 50 frames/s),
-    12 codebooks = 130 bits.
+
+def frame_bits(num_codebooks: int, *, code_bits: int, gain_bits: int) -> int:
+    """Bits of one frame payload without low band: `4 + gain_bits + 1 + num_codebooks * code_bits`.
+
+    With code_bits=10, gain_bits=6: 1 codebook = 21 bits (1.05 kbps at 50 frames/s),
+    12 codebooks = 131 bits.  A low band adds 1 flag bit and its Huffman code
+    (`TokenFrame.bit_length`).
     """
-    return NUM_CODEBOOKS_BITS + gain_bits + num_codebooks * code_bits
+    return NUM_CODEBOOKS_BITS + gain_bits + 1 + num_codebooks * code_bits
 
 
 def payload_size(num_codebooks: int, *, code_bits: int, gain_bits: int) -> int:
-    """Bytes of one frame payload padded to a whole byte (as carried in a packet)."""
+    """Bytes of one frame payload without low band, padded to a whole byte (as in a packet)."""
     return (frame_bits(num_codebooks, code_bits=code_bits, gain_bits=gain_bits) + 7) >> 3
+
+
+def max_lowband_bits() -> int:
+    """Most bits any low band can take: flag + the longest code of every pair, any layout."""
+    longest = 0
+    for spec in LAYOUTS.values():
+        pairs = sum(spec.pair_code(p).max_length for p in range(spec.bins // 2))
+        longest = max(longest, pairs)
+    return longest + 1  # the layout field is 2 bits instead of 1
 
 
 def max_packet_size(
@@ -291,15 +312,13 @@ def max_packet_size(
 ) -> int:
     """Largest valid packet, in bytes, for a model with `max_codebooks` codebooks.
 
-    This is the default `max_bytes` of `decode_packet` (43 bytes for 10/6 bits, Q=12).
+    This is the default `max_bytes` of `decode_packet` (all codebooks and the longest
+    possible low band).
     """
     _check_params(code_bits, gain_bits, max_codebooks)
     extra = PACKET_TIMES_SIZE if with_times else 0
-    return (
-        PACKET_HEADER_SIZE
-        + extra
-        + payload_size(max_codebooks, code_bits=code_bits, gain_bits=gain_bits)
-    )
+    bits = frame_bits(max_codebooks, code_bits=code_bits, gain_bits=gain_bits) + max_lowband_bits()
+    return PACKET_HEADER_SIZE + extra + ((bits + 7) >> 3)
 
 
 # --------------------------------------------------------------------------------------------
@@ -314,15 +333,20 @@ class TokenFrame:
     * `num_codebooks`: codebooks kept, 1..15 (and at most the model's Q).
     * `gain_index`: scalar-quantised frame gain, in [0, 2**gain_bits).
     * `codes`: the first `num_codebooks` RVQ indices, each in [0, 2**code_bits).
+    * `lowband_layout`: 0 (no low band) or a layout id of streaming/lowband.py.
+    * `lowband`: that layout's `bins` quantisation indices, each in [-M, M]; () for layout 0.
 
     Construction checks what does not depend on the model (count 1..15, `len(codes)`,
-    non-negative values) and raises ValueError; the bit widths are checked when packing.
-    `codes` given as any integer sequence or array is stored as a tuple of Python ints.
+    non-negative values, the low band against its layout) and raises ValueError; the bit
+    widths are checked when packing.  `codes` and `lowband` given as any integer sequence or
+    array are stored as tuples of Python ints.
     """
 
     num_codebooks: int
     gain_index: int
     codes: tuple[int, ...]
+    lowband_layout: int = LOWBAND_LAYOUT_NONE
+    lowband: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         codes = self.codes
@@ -338,6 +362,30 @@ class TokenFrame:
             raise ValueError(f"gain_index must be a non-negative int, got {self.gain_index!r}")
         if min(codes) < 0:
             raise ValueError(f"codes must be non-negative, got {codes}")
+        self._check_lowband()
+
+    def _check_lowband(self) -> None:
+        low = self.lowband
+        if type(low) is not tuple or not all(type(v) is int for v in low):
+            low = tuple(int(v) for v in low)
+            object.__setattr__(self, "lowband", low)
+        layout_id = self.lowband_layout
+        if type(layout_id) is not int:
+            if not isinstance(layout_id, (int, np.integer)) or isinstance(layout_id, bool):
+                raise ValueError(f"lowband_layout must be an int, got {layout_id!r}")
+            layout_id = int(layout_id)
+            object.__setattr__(self, "lowband_layout", layout_id)
+        if layout_id == LOWBAND_LAYOUT_NONE:
+            if low:
+                raise ValueError("lowband values given for lowband_layout 0")
+            return
+        spec = LAYOUTS.get(layout_id)
+        if spec is None:
+            raise ValueError(f"unknown lowband_layout {layout_id!r} (known: 0, {sorted(LAYOUTS)})")
+        if len(low) != spec.bins:
+            raise ValueError(f"lowband layout {layout_id} has {spec.bins} bins, got {len(low)}")
+        if max(map(abs, low)) > spec.max_index:
+            raise ValueError(f"a lowband index is outside [-{spec.max_index}, {spec.max_index}]")
 
     @classmethod
     def from_codes(
@@ -345,16 +393,19 @@ class TokenFrame:
         codes: Sequence[int] | npt.NDArray[np.integer],
         gain_index: int,
         num_codebooks: int | None = None,
+        lowband_layout: int = LOWBAND_LAYOUT_NONE,
+        lowband: Sequence[int] | npt.NDArray[np.integer] = (),
     ) -> TokenFrame:
         """Frame from an encoder output row: `codes` [Q] int, truncated to `num_codebooks`.
 
         Residual VQ makes truncation exact: the first k codes do not depend on how many are
-        kept.  `num_codebooks=None` keeps all of `codes`.
+        kept.  `num_codebooks=None` keeps all of `codes`.  `lowband`: the layout's indices.
         """
         n = len(codes) if num_codebooks is None else num_codebooks
         if n > len(codes):
             raise ValueError(f"asked for {n} codebooks of a frame with {len(codes)}")
-        return cls(n, int(gain_index), tuple(int(c) for c in codes[:n]))
+        return cls(n, int(gain_index), tuple(int(c) for c in codes[:n]), lowband_layout,
+                   tuple(int(v) for v in lowband))
 
     def codes_array(self, num_codebooks_total: int) -> Int64Array:
         """Codes as the decoder input row: int64 [Q], zeros at and beyond `num_codebooks`."""
@@ -366,74 +417,107 @@ class TokenFrame:
         out[: self.num_codebooks] = self.codes
         return out
 
+    def bit_length(self, *, code_bits: int, gain_bits: int) -> int:
+        """Bits of this frame's payload (without byte padding)."""
+        bits = NUM_CODEBOOKS_BITS + gain_bits + self.num_codebooks * code_bits
+        bits += lowband_flag_bits(self.lowband_layout)
+        if self.lowband_layout != LOWBAND_LAYOUT_NONE:
+            spec = LAYOUTS[self.lowband_layout]
+            bits += spec.coded_bits(np.asarray(self.lowband, dtype=np.int64))
+        return bits
 
-def _frame_to_int(frame: TokenFrame, code_bits: int, gain_bits: int) -> tuple[int, int]:
-    """(value, nbits): the payload bits of `frame` as one integer, MSB first, no padding."""
+
+def _write_frame(writer: BitWriter, frame: TokenFrame, code_bits: int, gain_bits: int) -> None:
+    """Append the payload bits of `frame` to `writer` (ValueError when a value does not fit)."""
     if frame.gain_index >> gain_bits:
         raise ValueError(f"gain_index {frame.gain_index} does not fit in {gain_bits} bits")
-    acc = (frame.num_codebooks << gain_bits) | frame.gain_index
-    for code in frame.codes:
+    acc = 0
+    for code in frame.codes:  # check every field before the first bit is written
         if code >> code_bits:
             raise ValueError(f"code {code} does not fit in {code_bits} bits")
         acc = (acc << code_bits) | code
-    return acc, NUM_CODEBOOKS_BITS + gain_bits + frame.num_codebooks * code_bits
+    layout_id = frame.lowband_layout
+    head = (frame.num_codebooks << gain_bits) | frame.gain_index
+    if layout_id == LOWBAND_LAYOUT_NONE:
+        writer.write(head << 1, NUM_CODEBOOKS_BITS + gain_bits + 1)
+    else:
+        writer.write(head << 2 | 2 | (layout_id - 1), NUM_CODEBOOKS_BITS + gain_bits + 2)
+    writer.write(acc, frame.num_codebooks * code_bits)
+    if layout_id != LOWBAND_LAYOUT_NONE:
+        LAYOUTS[layout_id].encode(np.asarray(frame.lowband, dtype=np.int64), writer)
+
+
+def _read_frame(reader: BitReader, code_bits: int, gain_bits: int, max_codebooks: int,
+                index: int | None = None) -> TokenFrame:
+    """Read one frame payload at the reader's position (`index`: frame number for messages)."""
+    where = "" if index is None else f"frame {index}: "
+    start = reader.position
+    n = reader.read(NUM_CODEBOOKS_BITS)
+    if n == 0 or n > max_codebooks:
+        raise ProtocolError(
+            ErrorCode.BAD_FIELD,
+            f"{where}num_codebooks {n} outside 1..{max_codebooks}",
+            offset=start >> 3,
+        )
+    gain = reader.read(gain_bits)
+    layout_id = LOWBAND_LAYOUT_NONE
+    if reader.read(1):
+        layout_id = 1 + reader.read(1)
+    value = reader.read(n * code_bits)
+    mask = (1 << code_bits) - 1
+    codes = [0] * n
+    for i in range(n - 1, -1, -1):
+        codes[i] = value & mask
+        value >>= code_bits
+    low: tuple[int, ...] = ()
+    if layout_id != LOWBAND_LAYOUT_NONE:
+        low = LAYOUTS[layout_id].decode(reader)
+    return TokenFrame(n, gain, tuple(codes), layout_id, low)
 
 
 def pack_frame(frame: TokenFrame, *, code_bits: int, gain_bits: int) -> bytes:
     """Frame payload bytes: the bits MSB first, zero-padded to a whole byte.
 
-    Size: `payload_size(frame.num_codebooks, ...)` bytes.  Raises ValueError when a value does
-    not fit in its field.
+    Size: ceil(`frame.bit_length(...)` / 8) bytes.  Raises ValueError when a value does not
+    fit in its field.
     """
     _check_params(code_bits, gain_bits)
-    value, nbits = _frame_to_int(frame, code_bits, gain_bits)
-    pad = -nbits % 8
-    return (value << pad).to_bytes((nbits + pad) >> 3, "big")
+    writer = BitWriter()
+    _write_frame(writer, frame, code_bits, gain_bits)
+    return writer.getvalue()
 
 
 def _decode_payload(
     data: Buffer, offset: int, code_bits: int, gain_bits: int, max_codebooks: int
 ) -> TokenFrame:
     """Decode the frame payload filling `data[offset:]` exactly (padding bits must be 0)."""
-    avail = len(data) - offset
-    if avail < 1:
+    if len(data) - offset < 1:
         raise ProtocolError(
             ErrorCode.TRUNCATED, "input ends before the frame payload", offset=offset
         )
-    n = data[offset] >> 4
-    if n == 0 or n > max_codebooks:
-        raise ProtocolError(
-            ErrorCode.BAD_FIELD,
-            f"num_codebooks {n} outside 1..{max_codebooks}",
-            offset=offset,
-        )
-    nbits = NUM_CODEBOOKS_BITS + gain_bits + n * code_bits
-    need = (nbits + 7) >> 3
-    if avail < need:
-        raise ProtocolError(
-            ErrorCode.TRUNCATED,
-            f"frame payload of {n} codebooks needs {need} bytes, got {avail}",
-            offset=len(data),
-        )
-    if avail > need:
+    reader = BitReader(data, offset * 8)
+    try:
+        frame = _read_frame(reader, code_bits, gain_bits, max_codebooks)
+    except ProtocolError as exc:
+        if exc.code == ErrorCode.TRUNCATED:
+            raise ProtocolError(
+                ErrorCode.TRUNCATED,
+                f"frame payload ends early ({len(data) - offset} bytes): {exc}",
+                offset=len(data),
+            ) from None
+        raise
+    rest = reader.remaining
+    if rest >= 8:
         raise ProtocolError(
             ErrorCode.TRAILING_DATA,
-            f"{avail - need} bytes after a frame payload of {need} bytes",
-            offset=offset + need,
+            f"{rest // 8} bytes after a frame payload of {len(data) - offset - rest // 8} bytes",
+            offset=(reader.position + 7) >> 3,
         )
-    value = int.from_bytes(data[offset : offset + need], "big")
-    pad = need * 8 - nbits
-    if value & ((1 << pad) - 1):
+    if rest and reader.peek(rest):
         raise ProtocolError(
             ErrorCode.CORRUPT, "non-zero padding bits after the frame payload", offset=len(data) - 1
         )
-    value >>= pad
-    mask = (1 << code_bits) - 1
-    codes = [0] * n
-    for i in range(n - 1, -1, -1):
-        codes[i] = value & mask
-        value >>= code_bits
-    return TokenFrame(n, value & ((1 << gain_bits) - 1), tuple(codes))
+    return frame
 
 
 def unpack_frame(data: Buffer, *, code_bits: int, gain_bits: int, max_codebooks: int) -> TokenFrame:
@@ -441,8 +525,9 @@ def unpack_frame(data: Buffer, *, code_bits: int, gain_bits: int, max_codebooks:
 
     Raises ProtocolError: `truncated`, `bad_field` (count 0 or > `max_codebooks`),
     `trailing_data` (bytes after the payload), `corrupt` (non-zero padding bits).
-    Every `gain_bits`-wide value is a valid gain index and every `code_bits`-wide value a valid
-    code (docs/model-interface.md: codebook_size == 2**code_bits).
+    Every `gain_bits`-wide value is a valid gain index, every `code_bits`-wide value a valid
+    code (docs/model-interface.md: codebook_size == 2**code_bits), and every bit string a
+    valid low band (the Huffman codes are complete), so only lengths can be wrong.
     """
     _check_params(code_bits, gain_bits, max_codebooks)
     return _decode_payload(data, 0, code_bits, gain_bits, max_codebooks)
@@ -568,11 +653,24 @@ class FrameArrays:
     * `num_codebooks`: int64 [F], each 1..Q.
     * `gain_index`: int64 [F].
     * `codes`: int64 [F, Q]; entries at and beyond a frame's `num_codebooks` are 0.
+    * `lowband_layout`: int64 [F], 0 (none) or a layout id.
+    * `lowband`: int64 [F, MAX_LOWBAND_BINS]: a frame's layout's indices, then zeros.
+
+    The low-band arrays may be left out (None): frames without low band.
     """
 
     num_codebooks: Int64Array
     gain_index: Int64Array
     codes: Int64Array
+    lowband_layout: Int64Array = None  # type: ignore[assignment]
+    lowband: Int64Array = None  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        count = self.num_codebooks.shape[0]
+        if self.lowband_layout is None:
+            object.__setattr__(self, "lowband_layout", np.zeros(count, dtype=np.int64))
+        if self.lowband is None:
+            object.__setattr__(self, "lowband", np.zeros((count, MAX_LOWBAND_BINS), np.int64))
 
     def __len__(self) -> int:
         return int(self.num_codebooks.shape[0])
@@ -583,51 +681,28 @@ class FrameArrays:
         count = len(frames)
         n = np.fromiter((f.num_codebooks for f in frames), dtype=np.int64, count=count)
         gain = np.fromiter((f.gain_index for f in frames), dtype=np.int64, count=count)
+        layouts = np.fromiter((f.lowband_layout for f in frames), dtype=np.int64, count=count)
         codes = np.zeros((count, num_codebooks_total), dtype=np.int64)
+        low = np.zeros((count, MAX_LOWBAND_BINS), dtype=np.int64)
         if count and int(n.max()) > num_codebooks_total:
             raise ValueError(f"a frame has more than Q={num_codebooks_total} codebooks")
         for i, frame in enumerate(frames):
             codes[i, : frame.num_codebooks] = frame.codes
-        return cls(n, gain, codes)
+            if frame.lowband:
+                low[i, : len(frame.lowband)] = frame.lowband
+        return cls(n, gain, codes, layouts, low)
 
     def frames(self) -> list[TokenFrame]:
         """The frames as `TokenFrame` objects."""
-        counts = self.num_codebooks.tolist()
-        gains = self.gain_index.tolist()
+        out = []
         rows = self.codes.tolist()
-        return [
-            TokenFrame(n, g, tuple(row[:n])) for n, g, row in zip(counts, gains, rows, strict=True)
-        ]
-
-
-def _code_mask(num_codebooks: Int64Array, q: int) -> npt.NDArray[np.bool_]:
-    """bool [F, Q]: True where a code is present."""
-    return np.arange(q, dtype=np.int64)[None, :] < num_codebooks[:, None]
-
-
-def _frame_starts(num_codebooks: Int64Array, code_bits: int, gain_bits: int) -> Int64Array:
-    """int64 [F+1]: bit offset of each frame in the stream; the last entry is the total."""
-    sizes = NUM_CODEBOOKS_BITS + gain_bits + num_codebooks * code_bits
-    starts = np.zeros(sizes.shape[0] + 1, dtype=np.int64)
-    np.cumsum(sizes, out=starts[1:])
-    return starts
-
-
-def _scatter_bits(
-    bits: npt.NDArray[np.uint8], pos: Int64Array, vals: Int64Array, width: int
-) -> None:
-    """Write each `vals[i]` as `width` bits MSB first at bit index `pos[i]` of `bits`."""
-    for b in range(width):
-        bits[pos + b] = (vals >> (width - 1 - b)) & 1
-
-
-def _gather_bits(bits: npt.NDArray[np.uint8], pos: Int64Array, width: int) -> Int64Array:
-    """Read `width`-bit MSB-first unsigned values starting at each bit index `pos[i]`."""
-    out = np.zeros(pos.shape[0], dtype=np.int64)
-    for b in range(width):
-        out <<= 1
-        out |= bits[pos + b]
-    return out
+        lows = self.lowband.tolist()
+        for i, (n, g, layout_id) in enumerate(zip(self.num_codebooks.tolist(),
+                                                  self.gain_index.tolist(),
+                                                  self.lowband_layout.tolist(), strict=True)):
+            bins = LAYOUTS[layout_id].bins if layout_id else 0
+            out.append(TokenFrame(n, g, tuple(rows[i][:n]), layout_id, tuple(lows[i][:bins])))
+        return out
 
 
 def pack_frame_stream(
@@ -635,38 +710,16 @@ def pack_frame_stream(
 ) -> bytes:
     """Frames as ONE continuous bit stream (no per-frame alignment), zero-padded to a byte.
 
-    Vectorised with numpy: cost is O(total bits) array work plus no Python loop per frame
-    (for `FrameArrays` input).  Raises ValueError when a value does not fit its field.
+    Cost: one short Python step per frame (about 10-20 µs with a low band).  Raises
+    ValueError when a value does not fit its field.
     """
     _check_params(code_bits, gain_bits)
-    if not isinstance(frames, FrameArrays):
-        q = max((f.num_codebooks for f in frames), default=1)
-        frames = FrameArrays.from_frames(frames, q)
-    n, gain, codes = frames.num_codebooks, frames.gain_index, frames.codes
-    if not len(n):
-        return b""
-    q = codes.shape[1]
-    if int(n.min()) < 1 or int(n.max()) > min(q, MAX_CODEBOOKS):
-        raise ValueError(f"num_codebooks outside 1..{min(q, MAX_CODEBOOKS)}")
-    if int(gain.min()) < 0 or int(gain.max()) >> gain_bits:
-        raise ValueError(f"a gain_index does not fit in {gain_bits} bits")
-    mask = _code_mask(n, q)
-    present = codes[mask]
-    if present.size and (int(present.min()) < 0 or int(present.max()) >> code_bits):
-        raise ValueError(f"a code does not fit in {code_bits} bits")
-    starts = _frame_starts(n, code_bits, gain_bits)
-    total = int(starts[-1])
-    bits = np.zeros(total + (-total % 8), dtype=np.uint8)
-    head = starts[:-1]
-    _scatter_bits(bits, head, n, NUM_CODEBOOKS_BITS)
-    _scatter_bits(bits, head + NUM_CODEBOOKS_BITS, gain, gain_bits)
-    code_pos = (
-        head[:, None]
-        + (NUM_CODEBOOKS_BITS + gain_bits)
-        + np.arange(q, dtype=np.int64)[None, :] * code_bits
-    )
-    _scatter_bits(bits, code_pos[mask], present, code_bits)
-    return np.packbits(bits).tobytes()
+    if isinstance(frames, FrameArrays):
+        frames = frames.frames()
+    writer = BitWriter()
+    for frame in frames:
+        _write_frame(writer, frame, code_bits, gain_bits)
+    return writer.getvalue()
 
 
 def unpack_frame_stream(
@@ -685,68 +738,38 @@ def unpack_frame_stream(
     The < 8 bits after the last frame are padding and must be zero (`corrupt`).
     Also raises `truncated` and `bad_field` (count 0 or > `max_codebooks`).
     Returns arrays with Q = `max_codebooks` code columns.
-
-    Frame boundaries are found with one cheap Python step per frame (the count nibble decides
-    the next frame's offset); all field extraction is vectorised.
     """
     _check_params(code_bits, gain_bits, max_codebooks)
     view = memoryview(data).cast("B")[offset:]
-    total = len(view) * 8
-    base = NUM_CODEBOOKS_BITS + gain_bits
-    starts: list[int] = []
-    counts: list[int] = []
-    pos = 0
-    while (len(starts) < count) if count is not None else (total - pos >= 8):
-        if pos + NUM_CODEBOOKS_BITS > total:
+    reader = BitReader(view)
+    frames: list[TokenFrame] = []
+    while (len(frames) < count) if count is not None else (reader.remaining >= 8):
+        try:
+            frames.append(_read_frame(reader, code_bits, gain_bits, max_codebooks, len(frames)))
+        except ProtocolError as exc:
+            if exc.code != ErrorCode.TRUNCATED:
+                where = offset + (exc.offset or 0)
+                raise ProtocolError(exc.code, exc.message, offset=where) from None
+            what = f"of {count}" if count is not None else "(streamed)"
             raise ProtocolError(
                 ErrorCode.TRUNCATED,
-                f"stream ends before frame {len(starts)} (of {count})",
+                f"stream ends inside or before frame {len(frames)} {what}",
                 offset=offset + len(view),
-            )
-        i, sh = pos >> 3, pos & 7
-        # the 4-bit count lies in byte i, or straddles bytes i and i+1 when sh > 4
-        pair = view[i] << 8 | (view[i + 1] if sh > 4 else 0)
-        n = (pair >> (12 - sh)) & 0xF
-        if n == 0 or n > max_codebooks:
-            raise ProtocolError(
-                ErrorCode.BAD_FIELD,
-                f"frame {len(starts)}: num_codebooks {n} outside 1..{max_codebooks}",
-                offset=offset + i,
-            )
-        end = pos + base + n * code_bits
-        if end > total:
-            raise ProtocolError(
-                ErrorCode.TRUNCATED,
-                f"stream ends inside frame {len(starts)} ({end - total} bits missing)",
-                offset=offset + len(view),
-            )
-        starts.append(pos)
-        counts.append(n)
-        pos = end
-    rest = total - pos
+            ) from None
+    rest = reader.remaining
     if rest >= 8:
         raise ProtocolError(
             ErrorCode.TRAILING_DATA,
-            f"{rest // 8} bytes after the last of {len(starts)} frames",
-            offset=offset + (pos + 7) // 8,
+            f"{rest // 8} bytes after the last of {len(frames)} frames",
+            offset=offset + (reader.position + 7) // 8,
         )
-    if rest and view[-1] & ((1 << rest) - 1):
+    if rest and reader.peek(rest):
         raise ProtocolError(
             ErrorCode.CORRUPT,
             "non-zero padding bits after the last frame",
             offset=offset + len(view) - 1,
         )
-    n_arr = np.asarray(counts, dtype=np.int64)
-    head = np.asarray(starts, dtype=np.int64)
-    codes = np.zeros((len(counts), max_codebooks), dtype=np.int64)
-    if not counts:
-        return FrameArrays(n_arr, np.zeros(0, dtype=np.int64), codes)
-    bits = np.unpackbits(np.frombuffer(view, dtype=np.uint8))
-    gain = _gather_bits(bits, head + NUM_CODEBOOKS_BITS, gain_bits)
-    mask = _code_mask(n_arr, max_codebooks)
-    code_pos = head[:, None] + base + np.arange(max_codebooks, dtype=np.int64)[None, :] * code_bits
-    codes[mask] = _gather_bits(bits, code_pos[mask], code_bits)
-    return FrameArrays(n_arr, gain, codes)
+    return FrameArrays.from_frames(frames, max_codebooks)
 
 
 # --------------------------------------------------------------------------------------------
@@ -827,7 +850,7 @@ class TokenPacket:
 def encode_packet(packet: TokenPacket, *, code_bits: int, gain_bits: int) -> bytes:
     """Wire bytes of `packet`: 14-byte header, [12-byte times], byte-padded frame payload.
 
-    Size: 14 (+12) + ceil((10 + 10 n) / 8) bytes for n codebooks at 10/6 bits, e.g. 17 bytes
+    Size: 14 (+12) + ceil((11 + 10 n) / 8) bytes for n codebooks at 10/6 bits, e.g. 17 bytes
     for one codebook without times.  Raises ValueError when a value does not fit its field.
     """
     _check_params(code_bits, gain_bits)
@@ -1215,8 +1238,7 @@ class BitstreamWriter:
             raise ValueError(f"frame has {frame.num_codebooks} codebooks, file Q is {self._q}")
         if self._count >= UNKNOWN_FRAME_COUNT - 1:
             raise ValueError("a bitstream file holds at most 2**32-2 frames")
-        value, nbits = _frame_to_int(frame, self._header.code_bits, self._header.gain_bits)
-        self._bits.write(value, nbits)
+        _write_frame(self._bits, frame, self._header.code_bits, self._header.gain_bits)
         self._count += 1
 
     def add_frames(self, frames: Iterable[TokenFrame]) -> None:
@@ -1299,18 +1321,24 @@ def read_bitstream(
 # --------------------------------------------------------------------------------------------
 
 _FRAME_KEYS: Final = frozenset({"num_codebooks", "gain_index", "codes"})
+_FRAME_OPTIONAL: Final = frozenset({"lowband"})
+_LOWBAND_KEYS: Final = frozenset({"layout", "indices"})
 _PACKET_KEYS: Final = _FRAME_KEYS | {"version", "stream_id", "seq", "timestamp_us"}
-_PACKET_OPTIONAL: Final = frozenset({"times"})
+_PACKET_OPTIONAL: Final = frozenset({"times"}) | _FRAME_OPTIONAL
 _TIMES_KEYS: Final = ("client_send_us", "server_recv_us", "server_send_us")
 
 
 def frame_to_json(frame: TokenFrame) -> dict[str, object]:
-    """JSON-ready dict of a frame: {"num_codebooks", "gain_index", "codes": [...]}."""
-    return {
+    """JSON-ready dict of a frame: {"num_codebooks", "gain_index", "codes": [...]}, plus
+    "lowband": {"layout": id, "indices": [...]} when the frame has a low band."""
+    out: dict[str, object] = {
         "num_codebooks": frame.num_codebooks,
         "gain_index": frame.gain_index,
         "codes": list(frame.codes),
     }
+    if frame.lowband_layout != LOWBAND_LAYOUT_NONE:
+        out["lowband"] = {"layout": frame.lowband_layout, "indices": list(frame.lowband)}
+    return out
 
 
 def packet_to_json(packet: TokenPacket) -> dict[str, object]:
@@ -1370,7 +1398,20 @@ def _frame_from_mapping(
         raise ProtocolError(ErrorCode.BAD_FIELD, f"codes must be a list of {n} ints")
     top = (1 << code_bits) - 1
     codes = tuple(_json_int(c, f"codes[{i}]", 0, top) for i, c in enumerate(raw))
-    return TokenFrame(n, gain, codes)
+    if "lowband" not in obj:
+        return TokenFrame(n, gain, codes)
+    low = _json_object(obj["lowband"], "lowband", text=False)
+    _check_keys(low, _LOWBAND_KEYS, frozenset(), "lowband")
+    layout_id = _json_int(low["layout"], "lowband.layout", 1, max(LAYOUTS))
+    spec = LAYOUTS[layout_id]
+    raw = low["indices"]
+    if not isinstance(raw, list) or len(raw) != spec.bins:
+        raise ProtocolError(
+            ErrorCode.BAD_FIELD, f"lowband.indices must be a list of {spec.bins} ints"
+        )
+    m = spec.max_index
+    indices = tuple(_json_int(v, f"lowband.indices[{i}]", -m, m) for i, v in enumerate(raw))
+    return TokenFrame(n, gain, codes, layout_id, indices)
 
 
 def frame_from_json(
@@ -1387,7 +1428,7 @@ def frame_from_json(
     """
     _check_params(code_bits, gain_bits, max_codebooks)
     mapping = _json_object(obj, "frame")
-    _check_keys(mapping, _FRAME_KEYS, frozenset(), "frame")
+    _check_keys(mapping, _FRAME_KEYS, _FRAME_OPTIONAL, "frame")
     return _frame_from_mapping(mapping, code_bits, gain_bits, max_codebooks)
 
 

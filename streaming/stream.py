@@ -2,8 +2,9 @@
 
 `EncoderStream`: push client PCM (any chunk size, 8/16/24/48 kHz, int16 or float32), pull
 `TokenFrame`s, one per model frame (N samples at the model rate, 20 ms on the default card).
-The number of codebooks kept (the bitrate) can change on any frame (`set_num_codebooks`,
-`set_bitrate`); it applies to the frames encoded after the call.
+The bitrate mode (codebooks kept and low-band layout) can change on any frame
+(`set_num_codebooks`, `set_lowband_layout`, `set_mode`, `set_bitrate`); it applies to the frames
+encoded after the call.
 
 `DecoderStream`: push `TokenFrame`s (or frames of silence), decode them, pull PCM at the
 client's rate and format (`pull(n, pad=True)` for a playout that needs exactly n samples).
@@ -32,7 +33,9 @@ import numpy.typing as npt
 
 from streaming.framing import InputFramer, OutputFramer, PcmInput, SampleFormat
 from streaming.latency import FrameLatency, LatencyStats
+from streaming.lowband import LAYOUTS, LOWBAND_LAYOUT_NONE, clear_into, dequantize_into, quantize
 from streaming.model import (
+    BitrateMode,
     CodecModel,
     DecoderState,
     EncoderState,
@@ -114,6 +117,8 @@ class EncoderStream:
 
     * `rate`: client sample rate, Hz (default: the model's); `fmt`: format of bytes input.
     * `num_codebooks`: codebooks kept per frame, 1..Q (default Q); see `set_num_codebooks`.
+    * `lowband_layout`: low-band layout sent with each frame (default 0, none); see
+      `set_lowband_layout`.
     * `max_buffered_ms`: PCM that may wait for encoding (default 1000 ms); beyond it input is
       dropped and counted in `overflow_samples`.
     * `stats`: optional shared `LatencyStats` every encoded frame is added to.
@@ -126,6 +131,7 @@ class EncoderStream:
         rate: int | None = None,
         fmt: SampleFormat = SampleFormat.S16LE,
         num_codebooks: int | None = None,
+        lowband_layout: int = LOWBAND_LAYOUT_NONE,
         max_buffered_ms: float = 1000.0,
         clock: Clock = time.perf_counter,
         stats: LatencyStats | None = None,
@@ -148,9 +154,14 @@ class EncoderStream:
         )
         self.num_codebooks = self._initial_codebooks
         """Codebooks kept in the frames encoded from now on (1..Q)."""
+        self._initial_layout = self._valid_layout(lowband_layout)
+        self.lowband_layout = self._initial_layout
+        """Low-band layout of the frames encoded from now on (0: none)."""
         self._pcm: F32 = np.zeros((1, card.frame_size), dtype=np.float32)
         self._codes: I64 = np.zeros((1, card.num_codebooks), dtype=np.int64)
         self._gain: I64 = np.zeros(1, dtype=np.int64)
+        self._lowband: F32 = np.zeros((1, card.lowband_bins), dtype=np.float32)
+        self._indices: I64 = np.zeros(card.lowband_bins, dtype=np.int64)
         self._steps: tuple[PreparedStep, PreparedStep] | None = None  # built on first step()
         self._ready = _TimeQueue(self.framer.ring.capacity // card.frame_size + 1)
         self._algorithmic_ms = card.frame_ms + self.framer.delay_ms
@@ -178,22 +189,40 @@ class EncoderStream:
             raise ValueError(f"num_codebooks must be an int in 1..{q}, got {n!r}")
         return n
 
+    def _valid_layout(self, layout_id: int) -> int:
+        if layout_id != LOWBAND_LAYOUT_NONE and (
+            layout_id not in LAYOUTS or LAYOUTS[layout_id].bins > self.card.lowband_bins
+        ):
+            raise ValueError(f"lowband_layout must be 0 or one of {sorted(LAYOUTS)}, "
+                             f"got {layout_id!r}")
+        return layout_id
+
     def set_num_codebooks(self, n: int) -> None:
         """Keep `n` codebooks (1..Q) in the frames encoded from now on."""
         self.num_codebooks = self._valid_codebooks(n)
 
-    def set_bitrate(self, kbps: float) -> int:
-        """Keep the most codebooks whose payload bitrate is at most `kbps`; return that count.
+    def set_lowband_layout(self, layout_id: int) -> None:
+        """Send low-band layout `layout_id` (0: none) with the frames encoded from now on."""
+        self.lowband_layout = self._valid_layout(layout_id)
+
+    def set_mode(self, mode: BitrateMode) -> None:
+        """Codebooks and low-band layout of `mode` for the frames encoded from now on."""
+        self.num_codebooks = self._valid_codebooks(mode.num_codebooks)
+        self.lowband_layout = self._valid_layout(mode.lowband_layout)
+
+    def set_bitrate(self, kbps: float) -> BitrateMode:
+        """Use the card's mode for a budget of `kbps` (`ModelCard.mode_for_bitrate`); return it.
 
         ValueError when `kbps` is below the 1-codebook bitrate.
         """
-        self.num_codebooks = self.card.codebooks_for_bitrate(kbps)
-        return self.num_codebooks
+        mode = self.card.mode_for_bitrate(kbps)
+        self.set_mode(mode)
+        return mode
 
     @property
     def bitrate_kbps(self) -> float:
-        """Payload bitrate at the current number of codebooks, kbps."""
-        return self.card.bitrate_kbps(self.num_codebooks)
+        """Nominal payload bitrate of the current mode, kbps."""
+        return self.card.bitrate_kbps(self.num_codebooks, self.lowband_layout)
 
     # ---- sizes ----------------------------------------------------------------------------
 
@@ -221,6 +250,7 @@ class EncoderStream:
     def nbytes(self) -> int:
         """Bytes this stream allocated (state buffers, framer, I/O arrays, queues)."""
         io = self._pcm.nbytes + self._codes.nbytes + self._gain.nbytes
+        io += self._lowband.nbytes + self._indices.nbytes
         return int(self.state.nbytes + self.framer.nbytes + io + self._ready.nbytes)
 
     # ---- streaming ------------------------------------------------------------------------
@@ -250,10 +280,10 @@ class EncoderStream:
         """The unbatched step from the current state buffer set into the other one (two
         bindings, built once: state in A -> out B, and B -> A)."""
         if self._steps is None:
-            pcm, codes, gain = self._pcm, self._codes, self._gain
+            pcm, codes, gain, low = self._pcm, self._codes, self._gain, self._lowband
             self._steps = _both_ways(
                 self.state,
-                lambda i, o: self.model.prepare_encoder_step(pcm, i, codes, gain, o),
+                lambda i, o: self.model.prepare_encoder_step(pcm, i, codes, gain, low, o),
             )
         return self._steps[self.state.parity]
 
@@ -266,7 +296,9 @@ class EncoderStream:
         self._prepared_step().run()
         self.state.swap()
         end = self.clock()
-        return self._finish_frame(self._codes[0], int(self._gain[0]), ready, start, end, 1)
+        return self._finish_frame(
+            self._codes[0], int(self._gain[0]), self._lowband[0], ready, start, end, 1
+        )
 
     def pull(self, max_frames: int | None = None) -> list[TokenFrame]:
         """Encode (alone) up to `max_frames` waiting frames (all with None), in order."""
@@ -290,6 +322,7 @@ class EncoderStream:
         self.framer.reset()
         self._ready.clear()
         self.num_codebooks = self._initial_codebooks
+        self.lowband_layout = self._initial_layout
         self.frames_encoded = 0
         self.last_latency = None
 
@@ -301,10 +334,27 @@ class EncoderStream:
         return self._ready.pop(self.clock())
 
     def _finish_frame(
-        self, codes: I64, gain_index: int, ready: float, start: float, end: float, batch: int
+        self,
+        codes: I64,
+        gain_index: int,
+        lowband: F32,
+        ready: float,
+        start: float,
+        end: float,
+        batch: int,
     ) -> TokenFrame:
+        """The frame of one encoder output row: codes [Q], gain index, shape low band [K]."""
         n = self.num_codebooks
-        frame = TokenFrame(n, gain_index, tuple(codes[:n].tolist()))
+        layout_id = self.lowband_layout
+        gain = self.card.gain
+        level_db = gain.min_db + gain.step_db * gain_index
+        if layout_id == LOWBAND_LAYOUT_NONE or level_db < LAYOUTS[layout_id].min_level_db:
+            frame = TokenFrame(n, gain_index, tuple(codes[:n].tolist()))  # quiet: no low band
+        else:
+            spec = LAYOUTS[layout_id]
+            indices = quantize(lowband, spec, self._indices[: spec.bins])
+            frame = TokenFrame(n, gain_index, tuple(codes[:n].tolist()), layout_id,
+                               tuple(indices.tolist()))
         record = FrameLatency(self.frames_encoded, ready, start, end, batch, self._algorithmic_ms)
         self.last_latency = record
         if self.stats is not None:
@@ -315,7 +365,8 @@ class EncoderStream:
     def __repr__(self) -> str:
         return (
             f"EncoderStream(rate={self.rate}, num_codebooks={self.num_codebooks}, "
-            f"pending={self.pending_frames}, encoded={self.frames_encoded})"
+            f"lowband_layout={self.lowband_layout}, pending={self.pending_frames}, "
+            f"encoded={self.frames_encoded})"
         )
 
 
@@ -369,6 +420,8 @@ class DecoderStream:
         self._q_codes: I64 = np.zeros((cap, q), dtype=np.int64)
         self._q_count: I64 = np.zeros(cap, dtype=np.int64)
         self._q_gain: I64 = np.zeros(cap, dtype=np.int64)
+        self._q_low: F32 = np.zeros((cap, card.lowband_bins), dtype=np.float32)
+        self._q_mask: F32 = np.zeros((cap, card.lowband_bins), dtype=np.float32)
         self._q_ready: F64 = np.zeros(cap, dtype=np.float64)
         self._q_head = 0
         self._q_len = 0
@@ -376,6 +429,8 @@ class DecoderStream:
         self._codes: I64 = np.zeros((1, q), dtype=np.int64)
         self._count: I64 = np.ones(1, dtype=np.int64)
         self._gain: I64 = np.zeros(1, dtype=np.int64)
+        self._low: F32 = np.zeros((1, card.lowband_bins), dtype=np.float32)
+        self._mask: F32 = np.zeros((1, card.lowband_bins), dtype=np.float32)
         self._pcm: F32 = np.zeros((1, card.frame_size), dtype=np.float32)
         self._steps: tuple[PreparedStep, PreparedStep] | None = None  # built on first step()
         self._silence: F32 = np.zeros(card.frame_size, dtype=np.float32)
@@ -435,8 +490,9 @@ class DecoderStream:
     def nbytes(self) -> int:
         """Bytes this stream allocated (state buffers, framer, queue, I/O arrays)."""
         queue = self._q_codes.nbytes + self._q_count.nbytes + self._q_gain.nbytes
-        queue += self._q_ready.nbytes
+        queue += self._q_ready.nbytes + self._q_low.nbytes + self._q_mask.nbytes
         io = self._codes.nbytes + self._count.nbytes + self._gain.nbytes + self._pcm.nbytes
+        io += self._low.nbytes + self._mask.nbytes
         return int(self.state.nbytes + self.framer.nbytes + queue + io + self._silence.nbytes)
 
     # ---- input ----------------------------------------------------------------------------
@@ -451,9 +507,21 @@ class DecoderStream:
             )
         if max(frame.codes) >= self.card.codebook_size:
             raise ValueError(f"a code is >= the codebook size {self.card.codebook_size}")
+        if len(frame.lowband) > self.card.lowband_bins:
+            raise ValueError(
+                f"frame has {len(frame.lowband)} low-band bins, the model takes "
+                f"{self.card.lowband_bins}"
+            )
 
     def _enqueue(
-        self, count: int, gain: int, codes: tuple[int, ...], now: float | None, strict: bool
+        self,
+        count: int,
+        gain: int,
+        codes: tuple[int, ...],
+        now: float | None,
+        strict: bool,
+        layout_id: int = LOWBAND_LAYOUT_NONE,
+        lowband: tuple[int, ...] = (),
     ) -> int:
         cap = self._q_count.shape[0]
         if self._q_len == cap:
@@ -467,6 +535,10 @@ class DecoderStream:
         row[count:] = 0
         self._q_count[slot] = count
         self._q_gain[slot] = gain
+        if layout_id == LOWBAND_LAYOUT_NONE:
+            clear_into(self._q_low[slot], self._q_mask[slot])
+        else:
+            dequantize_into(lowband, LAYOUTS[layout_id], self._q_low[slot], self._q_mask[slot])
         self._q_ready[slot] = self.clock() if now is None else now
         self._q_len += 1
         return self._q_len
@@ -478,7 +550,8 @@ class DecoderStream:
         not fit the model (more than Q codebooks, gain or code out of range).
         """
         self._check_frame(frame)
-        return self._enqueue(frame.num_codebooks, frame.gain_index, frame.codes, now, strict)
+        return self._enqueue(frame.num_codebooks, frame.gain_index, frame.codes, now, strict,
+                             frame.lowband_layout, frame.lowband)
 
     def push_many(self, frames: Iterable[TokenFrame], now: float | None = None) -> int:
         """Queue frames in order (see `push`); return the frames waiting."""
@@ -498,9 +571,12 @@ class DecoderStream:
         bindings, built once: state in A -> out B, and B -> A)."""
         if self._steps is None:
             codes, count, gain, pcm = self._codes, self._count, self._gain, self._pcm
+            low, mask = self._low, self._mask
             self._steps = _both_ways(
                 self.state,
-                lambda i, o: self.model.prepare_decoder_step(codes, count, gain, i, pcm, o),
+                lambda i, o: self.model.prepare_decoder_step(
+                    codes, count, gain, low, mask, i, pcm, o
+                ),
             )
         return self._steps[self.state.parity]
 
@@ -512,7 +588,9 @@ class DecoderStream:
         if self._next_is_silence():
             self._take_silence()
             return True
-        ready = self._take_frame(self._codes[0], self._count, self._gain, 0)
+        ready = self._take_frame(
+            self._codes[0], self._count, self._gain, self._low[0], self._mask[0], 0
+        )
         start = self.clock()
         self._prepared_step().run()
         self.state.swap()
@@ -577,10 +655,15 @@ class DecoderStream:
         self._q_len -= 1
         self.framer.write(self._silence)
 
-    def _take_frame(self, codes: I64, counts: I64, gains: I64, row: int) -> float:
-        """Move the next waiting frame into row `row` of the step inputs; return ready time."""
+    def _take_frame(
+        self, codes: I64, counts: I64, gains: I64, lowband: F32, mask: F32, row: int
+    ) -> float:
+        """Move the next waiting frame into row `row` of the step inputs (`codes`, `lowband`
+        and `mask` are that row already); return its ready time."""
         head = self._q_head
         np.copyto(codes, self._q_codes[head])
+        np.copyto(lowband, self._q_low[head])
+        np.copyto(mask, self._q_mask[head])
         counts[row] = self._q_count[head]
         gains[row] = self._q_gain[head]
         self._q_head = (head + 1) % self._q_count.shape[0]

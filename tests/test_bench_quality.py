@@ -204,22 +204,34 @@ def test_doc_section_is_replaced_between_markers(tmp_path: Path) -> None:
 
 
 def test_streaming_pipeline_length_bitrate_and_client_agreement() -> None:
-    from streaming.model import CodecModel
+    from streaming.model import BitrateMode, CodecModel
+    from streaming.protocol import read_bitstream
 
     model = CodecModel.load()
     card = model.card
     x = bq.probe_signal(0.5)
+    frames = bq.frames_needed(x.shape[0], card.output_delay_samples, card.frame_size)
     for n in (1, card.num_codebooks):
-        data, y = bq.streaming_pipeline(model)(x, n)
+        mode = BitrateMode(n, 0, card.bitrate_kbps(n))
+        data, y = bq.streaming_pipeline(model)(x, mode)
         assert y.shape == x.shape
         assert y.dtype == np.float32
-        frames = bq.frames_needed(x.shape[0], card.output_delay_samples, card.frame_size)
         payload_bytes = -(-frames * card.frame_bits(n) // 8)
         assert len(data) > payload_bytes  # + the file header
-        coded = bq.OursCodec(model, card.bitrate_kbps(n), bq.streaming_pipeline(model), "s")
-        result = coded.roundtrip(x)
-        assert result.payload_bits == frames * card.frame_bits(n)
-        assert result.codes is not None and result.codes.shape == (frames, coded.num_codebooks)
+        _, tokens = read_bitstream(data)
+        assert [t.num_codebooks for t in tokens] == [n] * frames
+    one = bq.OursCodec(model, 1.0, bq.streaming_pipeline(model), "s")
+    result = one.roundtrip(x)
+    assert result.payload_bits == frames * card.frame_bits(1)
+    assert result.codes is not None and result.codes.shape == (frames, 1)
+    coded = bq.OursCodec(model, 6.0, bq.streaming_pipeline(model), "s")  # a low-band mode
+    assert coded.mode.lowband_layout != 0
+    result = coded.roundtrip(x)
+    data, _ = bq.streaming_pipeline(model)(x, coded.mode)
+    _, tokens = read_bitstream(data)
+    bits = {"code_bits": card.code_bits, "gain_bits": card.gain.bits}
+    assert result.payload_bits == sum(t.bit_length(**bits) for t in tokens)
+    assert any(t.lowband_layout == coded.mode.lowband_layout for t in tokens)
     ok, message = bq.compare_pipelines(model)
     if not ok:
         pytest.skip(message)

@@ -105,7 +105,7 @@ def mutated(path: str, value: object) -> dict[str, Any]:
     ("path", "value", "message"),
     [
         ("format", "other-format", "format is 'other-format', expected 'codecstream-model'"),
-        ("format_version", 2, "format_version is 2, this engine reads 1"),
+        ("format_version", 1, "format_version is 1, this engine reads 2"),
         ("frame_size", ..., "required field 'frame_size' is missing"),
         ("frame_size", "320", "frame_size must be an integer, got '320'"),
         ("sample_rate", True, "sample_rate must be an integer, got True"),
@@ -215,13 +215,16 @@ def test_steps_check_their_arrays(model: CodecModel) -> None:
     state = model.new_encoder_state()
     codes = np.zeros((1, card.num_codebooks), np.int64)
     gain = np.zeros(1, np.int64)
+    low = np.zeros((1, card.lowband_bins), np.float32)
     pcm = np.zeros((1, card.frame_size), np.float64)
     with pytest.raises(ValueError, match="'pcm' must be a C-contiguous float32"):
-        model.encoder_step(pcm, state.arrays, codes, gain, state.spare)  # type: ignore[arg-type]
+        model.encoder_step(pcm, state.arrays, codes, gain, low, state.spare)  # type: ignore[arg-type]
     pcm32 = np.zeros((1, card.frame_size), np.float32)
     with pytest.raises(ValueError, match="overlaps"):
-        model.encoder_step(pcm32, state.arrays, codes, gain, state.arrays)
-    model.encoder_step(pcm32, state.arrays, codes, gain, state.spare)
+        model.encoder_step(pcm32, state.arrays, codes, gain, low, state.arrays)
+    with pytest.raises(ValueError, match="lowband"):
+        model.encoder_step(pcm32, state.arrays, codes, gain, low[:, :8].copy(), state.spare)
+    model.encoder_step(pcm32, state.arrays, codes, gain, low, state.spare)
     assert ((codes >= 0) & (codes < card.codebook_size)).all()
     with pytest.raises(ValueError, match="threads"):
         CodecModel.load(threads=0)
@@ -240,7 +243,8 @@ def test_in_place_steps_equal_a_plain_onnxruntime_run(model: CodecModel) -> None
     enc_out = [np.zeros_like(a) for a in enc_in]
     codes = np.zeros((batch, card.num_codebooks), np.int64)
     gain = np.zeros(batch, np.int64)
-    model.encoder_step(pcm, enc_in, codes, gain, enc_out)
+    low = np.zeros((batch, card.lowband_bins), np.float32)
+    model.encoder_step(pcm, enc_in, codes, gain, low, enc_out)
     session = ort.InferenceSession(str(model.path / card.encoder.file))
     feeds = {
         "pcm": pcm,
@@ -249,7 +253,8 @@ def test_in_place_steps_equal_a_plain_onnxruntime_run(model: CodecModel) -> None
     ref = session.run(None, feeds)
     np.testing.assert_array_equal(codes, ref[0])
     np.testing.assert_array_equal(gain, ref[1])
-    for got, want in zip(enc_out, ref[2:], strict=True):
+    np.testing.assert_array_equal(low, ref[2])
+    for got, want in zip(enc_out, ref[3:], strict=True):
         np.testing.assert_array_equal(got, want)
 
     counts = np.array([1, card.num_codebooks, 2], np.int64)[:batch]
@@ -257,9 +262,13 @@ def test_in_place_steps_equal_a_plain_onnxruntime_run(model: CodecModel) -> None
     dec_in = [np.zeros((batch, *s.shape), np.float32) for s in card.decoder.states]
     dec_out = [np.zeros_like(a) for a in dec_in]
     out = np.zeros((batch, card.frame_size), np.float32)
-    model.decoder_step(masked, counts, gain, dec_in, out, dec_out)
+    mask = np.zeros_like(low)
+    mask[0, :32] = 1.0  # stream 0 is given a low band, the others are not
+    values = np.round(low / 1.25) * 1.25 * mask
+    model.decoder_step(masked, counts, gain, values, mask, dec_in, out, dec_out)
     session = ort.InferenceSession(str(model.path / card.decoder.file))
-    feeds = {"codes": masked, "num_codebooks": counts, "gain_index": gain}
+    feeds = {"codes": masked, "num_codebooks": counts, "gain_index": gain,
+             "lowband": values, "lowband_mask": mask}
     feeds |= {s.input_name: a for s, a in zip(card.decoder.states, dec_in, strict=True)}
     ref = session.run(None, feeds)
     np.testing.assert_array_equal(out, ref[0])

@@ -37,21 +37,31 @@ def test_mdct_reconstructs_exactly_except_the_last_overlap() -> None:
     assert torch.allclose(rebuilt[:, : -L], pcm[:, : -L], atol=1e-5)
 
 
+def sent_lowband(shape_low: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What a low-band layout would send: row 0 gets its first 10 bins at step 0.5, row 1
+    none.  shape_low [2, T, K] -> (values, mask) [2, T, K]."""
+    mask = torch.zeros_like(shape_low)
+    mask[0, :, :10] = 1.0
+    return torch.round(shape_low / 0.5) * 0.5 * mask, mask
+
+
 @pytest.mark.parametrize("chunk_frames", [1, 2, 5, 7])
 def test_chunked_streaming_equals_full_sequence(model: CausalCodec, chunk_frames: int) -> None:
     pcm = speechlike(21)
     counts = torch.tensor([TINY.num_codebooks, 2])
-    full = model(pcm, counts)
+    full = model(pcm, counts, lowband=sent_lowband)
     enc_state, dec_state = model.initial_state("encoder", 2), model.initial_state("decoder", 2)
     out, codes, done = [], [], 0
     with torch.no_grad():
         while done < 21:
             take = min(chunk_frames, 21 - done)
             chunk = pcm[:, done * N : (done + take) * N]
-            step_codes, gains, enc_state = model.encoder_step(chunk, enc_state)
+            step_codes, gains, low, enc_state = model.encoder_step(chunk, enc_state)
             step_codes = step_codes.reshape(2, take, -1)
             gains = gains.reshape(2, take)
-            decoded, dec_state = model.decoder_step(step_codes, counts, gains, dec_state)
+            values, mask = sent_lowband(low.reshape(2, take, -1))
+            decoded, dec_state = model.decoder_step(step_codes, counts, gains, values, mask,
+                                                    dec_state)
             out.append(decoded)
             codes.append(step_codes)
             done += take
@@ -60,6 +70,25 @@ def test_chunked_streaming_equals_full_sequence(model: CausalCodec, chunk_frames
     assert torch.allclose(streamed[:, L:], full.pcm[:, :-L], atol=1e-4)
     full_codes, _ = model.encode(pcm)
     assert torch.equal(torch.cat(codes, dim=1), full_codes)
+
+
+def test_sent_low_band_replaces_the_estimate_and_keeps_the_gain(model: CausalCodec) -> None:
+    shape = torch.randn(3, N)
+    gain = torch.full((3, 1), 0.1)
+    values = torch.zeros(3, TINY.lowband_bins)
+    values[:, :8] = 2.0 * torch.randn(3, 8)
+    mask = torch.zeros_like(values)
+    mask[:, :8] = 1.0
+    coeffs = model.synthesise_spans(shape, gain, values, mask) @ model.analysis.T
+    plain = model.synthesise_spans(shape, gain) @ model.analysis.T
+    for out in (coeffs, plain):  # every frame carries exactly the sent gain
+        assert torch.allclose(out.pow(2).mean(-1).sqrt(), torch.full((3,), 0.1), rtol=1e-4)
+    # one factor per frame: the sent bins are the values, the others the estimate, both scaled
+    factor = coeffs[:, :1] / (values[:, :1] * 0.1)
+    assert torch.allclose(coeffs[:, :8], values[:, :8] * 0.1 * factor, atol=1e-5)
+    assert torch.allclose(coeffs[:, 8:], plain[:, 8:] * factor, atol=1e-5)
+    none = model.synthesise_spans(shape, gain, values * 0, mask * 0)
+    assert torch.allclose(none, model.synthesise_spans(shape, gain), atol=1e-6)
 
 
 def test_changing_future_input_never_changes_past_output(model: CausalCodec) -> None:

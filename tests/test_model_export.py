@@ -42,6 +42,30 @@ def test_onnx_frame_by_frame_equals_pytorch_full_sequence(exported) -> None:
         np.testing.assert_allclose(streamed[:, L:], offline[:, :-L], atol=1e-4)
 
 
+def test_onnx_low_band_equals_pytorch(exported) -> None:
+    out, model, _ = exported
+    pcm = speechlike(12, batch=2)
+    onnx_codec = OnnxCodec(out)
+    codes, gains = onnx_codec.encode(pcm.numpy())
+    with torch.no_grad():
+        states = model.initial_state("encoder", 2)
+        shape_low = model.encoder_core(pcm, states)[6]
+    np.testing.assert_allclose(onnx_codec.lowband, shape_low.numpy(), atol=1e-5)
+    mask = np.zeros_like(onnx_codec.lowband)
+    mask[0, :, :12] = 1.0  # stream 0 sends 12 bins, stream 1 none
+    values = np.round(onnx_codec.lowband / 0.5) * 0.5 * mask
+    streamed = onnx_codec.decode(codes, gains, 3, (values, mask))
+    with torch.no_grad():
+        quantized = model.quantizer.decode(torch.from_numpy(codes), torch.full((2,), 3))
+        offline, _ = model.decode_latents(quantized, model.gain_value(torch.from_numpy(gains)),
+                                          lowband=(torch.from_numpy(values),
+                                                   torch.from_numpy(mask)))
+    np.testing.assert_allclose(streamed[:, L:], offline.numpy()[:, :-L], atol=1e-4)
+    plain = onnx_codec.decode(codes, gains, 3)
+    np.testing.assert_allclose(streamed[1], plain[1], atol=1e-6)
+    assert not np.allclose(streamed[0], plain[0], atol=1e-3)
+
+
 def test_states_are_named_inputs_and_outputs(exported) -> None:
     out, _, card = exported
     for part in ("encoder", "decoder"):
@@ -55,7 +79,7 @@ def test_states_are_named_inputs_and_outputs(exported) -> None:
 
 def _check_card_matches_graphs(folder: Path) -> dict:
     card = json.loads((folder / "card.json").read_text())
-    assert card["format"] == "codecstream-model" and card["format_version"] == 1
+    assert card["format"] == "codecstream-model" and card["format_version"] == 2
     for part in ("encoder", "decoder"):
         graph = onnx.load(str(folder / card[part]["file"]))
         meta = {p.key: p.value for p in graph.metadata_props}
@@ -64,6 +88,11 @@ def _check_card_matches_graphs(folder: Path) -> dict:
                 for i in graph.graph.input}
         for state in card[part]["states"]:
             assert dims[f"in_{state['name']}"] == state["shape"]
+    dec_inputs = {i.name: i for i in onnx.load(str(folder / "decoder.onnx")).graph.input}
+    enc_outputs = {o.name: o for o in onnx.load(str(folder / "encoder.onnx")).graph.output}
+    for tensor in (dec_inputs["lowband"], dec_inputs["lowband_mask"], enc_outputs["lowband"]):
+        assert [d.dim_value for d in tensor.type.tensor_type.shape.dim][1:] == [
+            card["lowband_bins"]]
     enc_inputs = {i.name: i for i in onnx.load(str(folder / "encoder.onnx")).graph.input}
     frame = [d.dim_value for d in enc_inputs["pcm"].type.tensor_type.shape.dim][1]
     assert frame == card["frame_size"]
@@ -92,7 +121,7 @@ def test_bitrates_follow_the_frame_payload() -> None:
     rates = card["bitrates_kbps"]
     frames_per_s = card["sample_rate"] / card["frame_size"]
     for count, kbps in rates.items():
-        bits = 4 + card["gain"]["bits"] + card["code_bits"] * int(count)
+        bits = 4 + card["gain"]["bits"] + 1 + card["code_bits"] * int(count)  # 1: no low band
         assert kbps == pytest.approx(bits * frames_per_s / 1000)
     assert CodecConfig().num_codebooks >= 11
 

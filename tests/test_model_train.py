@@ -6,7 +6,7 @@ import torch
 
 from models.export import random_model
 from models.mdct import frame_spans, overlap_add
-from models.train import mdct_loss
+from models.train import mdct_loss, sent_lowband
 from tests.test_model_codec import TINY, speechlike
 
 N, L = TINY.frame_size, TINY.overlap
@@ -41,3 +41,22 @@ def test_lowband_mdct_loss_ignores_errors_above_its_cutoff() -> None:
     assert float(mdct_loss(model, high_flipped, pcm, max_hz=cutoff_hz)) < 0.1 * low_errors
     assert low_errors > 0.1
     assert float(mdct_loss(model, high_flipped, pcm)) > 0.1
+
+
+def test_sent_lowband_quantises_the_given_rows_only() -> None:
+    torch.manual_seed(0)
+    shape_low = 3.0 * torch.randn(64, 5, 48)
+    values, mask = sent_lowband(shape_low, 0.5, ((32, 3.5), (40, 1.25)))
+    bins = mask[:, 0, :].sum(-1)
+    assert set(bins.tolist()) == {0.0, 32.0, 40.0}
+    for row in range(64):
+        width = int(bins[row])
+        assert bool((mask[row, :, :width] == 1).all()) and bool((mask[row, :, width:] == 0).all())
+        assert bool((values[row, :, width:] == 0).all())
+        if width:
+            step = 3.5 if width == 32 else 1.25
+            sent = values[row, :, :width]
+            assert torch.allclose(sent, torch.round(shape_low[row, :, :width] / step) * step)
+    model = random_model(TINY, seed=5)
+    out = model(speechlike(6), lowband=lambda s: sent_lowband(s, 1.0, ((16, 0.5),)))
+    assert torch.isfinite(out.pcm).all()

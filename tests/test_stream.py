@@ -11,7 +11,8 @@ import pytest
 
 from streaming.framing import SUPPORTED_RATES, SampleFormat
 from streaming.latency import LatencyStats
-from streaming.model import CodecModel
+from streaming.lowband import LAYOUTS
+from streaming.model import BitrateMode, CodecModel
 from streaming.protocol import TokenFrame
 from streaming.stream import DecoderStream, EncoderStream, StreamOverflowError
 
@@ -96,14 +97,28 @@ def test_num_codebooks_can_change_on_any_frame(model: CodecModel) -> None:
         enc.set_num_codebooks(q + 1)
 
 
-def test_set_bitrate_picks_the_codebook_count_from_the_card(model: CodecModel) -> None:
+def test_set_bitrate_picks_the_mode_from_the_card(model: CodecModel) -> None:
     card = model.card
     enc = EncoderStream(model)
-    for n in range(1, card.num_codebooks + 1):
-        assert enc.set_bitrate(card.bitrate_kbps(n)) == n
-        assert enc.bitrate_kbps == pytest.approx(card.bitrate_kbps(n))
-    frames = enc.encode(speech(16000, 0.1))
-    assert all(f.num_codebooks == card.num_codebooks for f in frames)
+    one = enc.set_bitrate(1.0)  # 21 bits a frame: within a bit per frame of 1 kbps
+    assert (one.num_codebooks, one.lowband_layout) == (1, 0)
+    assert one.kbps == pytest.approx(1.05)
+    for kbps in (1.5, 2.0, 3.0, 4.5, 6.0, 8.0):
+        mode = enc.set_bitrate(kbps)
+        assert mode.kbps <= kbps + 0.05 + 1e-9
+        assert enc.bitrate_kbps == pytest.approx(mode.kbps)
+        assert (enc.num_codebooks, enc.lowband_layout) == (mode.num_codebooks, mode.lowband_layout)
+        if mode.num_codebooks < card.num_codebooks:  # the next codebook would not fit
+            assert card.bitrate_kbps(mode.num_codebooks + 1, mode.lowband_layout) > kbps + 0.05
+    assert enc.set_bitrate(3.0) == BitrateMode(2, 1, 3.0)
+    assert enc.set_bitrate(6.0) == BitrateMode(3, 2, 6.0)
+    assert enc.set_bitrate(7.0) == BitrateMode(5, 2, 7.0)
+    frames = enc.encode(speech(16000, 0.2))
+    gain = card.gain
+    for f in frames:  # quiet frames go without low band
+        loud = gain.min_db + gain.step_db * f.gain_index >= LAYOUTS[2].min_level_db
+        assert (f.lowband_layout, len(f.lowband)) == ((2, 40) if loud else (0, 0))
+    assert any(f.lowband_layout == 2 for f in frames)
     with pytest.raises(ValueError):
         enc.set_bitrate(0.1)
 

@@ -48,7 +48,7 @@ from client.profiler.stages import (
     unwrap_us,
 )
 from client.virtual import VirtualAudio
-from streaming.model import CodecModel
+from streaming.model import BitrateMode, CodecModel
 
 __all__ = ["Participant", "Window", "analyze", "reference_decode", "signal_windows"]
 
@@ -76,14 +76,15 @@ class Participant(Protocol):
     def config(self) -> SimConfig: ...
 
 
-def reference_decode(model: CodecModel, source: F32, num_codebooks: int) -> F32:
-    """The offline decode of `source` (model rate), aligned to it (decoder delay removed)."""
+def reference_decode(model: CodecModel, source: F32, mode: BitrateMode | int) -> F32:
+    """The offline decode of `source` (model rate) in bitrate `mode` (an int: that many
+    codebooks without low band), aligned to it (decoder delay removed)."""
     card = model.card
     n, d = card.frame_size, card.output_delay_samples
     frames = -(-(source.shape[0] + d) // n)
     padded = np.zeros(frames * n, dtype=np.float32)
     padded[: source.shape[0]] = source
-    tokens = encode_pcm_local(model, padded, num_codebooks)
+    tokens = encode_pcm_local(model, padded, mode)
     return decode_frames_local(model, tokens)[d : d + source.shape[0]]
 
 
@@ -178,7 +179,8 @@ def _signal_check(
     distances: list[float] = []
     refined = 0
     refs = {
-        c.participant_id: reference_decode(model, c.source, c.config.num_codebooks) for c in clients
+        c.participant_id: reference_decode(model, c.source, c.config.mode_for(model.card))
+        for c in clients
     }
     receivers = np.array(b.receiver)
     frame_s = model.card.frame_ms / 1000.0

@@ -25,11 +25,12 @@ import numpy.typing as npt
 
 from client.engine import CaptureSide, PlayoutSide
 from client.errors import ClientError
-from client.session import Session
+from client.files import mode_for
+from client.session import Session, mode_fields
 from client.trace import RoundtripRecord, clock_us
 from client.virtual import VirtualAudio
 from streaming.latency import LatencyStats
-from streaming.model import CodecModel
+from streaming.model import BitrateMode, CodecModel, ModelCard
 from streaming.protocol import PacketTimes, TokenPacket, encode_packet
 
 __all__ = ["RoundtripClient", "SimClient", "SimConfig", "run_room", "run_roundtrip"]
@@ -44,16 +45,21 @@ TAIL_S = 1.0
 @dataclass(frozen=True)
 class SimConfig:
     """A profiling run: `clients` participants of `room` on `server` for `seconds` of audio,
-    `num_codebooks` per frame, device blocks of `block_ms`, playback FIFO of `playout_ms`."""
+    bitrate `mode` (None: the model's 6 kbps mode), device blocks of `block_ms`, playback FIFO
+    of `playout_ms`."""
 
     server: str
     room: str
     clients: int = 2
     seconds: float = 10.0
-    num_codebooks: int = 11
+    mode: BitrateMode | None = None
     block_ms: float = 20.0
     playout_ms: float = 20.0
     api_key: str | None = None
+
+    def mode_for(self, card: ModelCard) -> BitrateMode:
+        """The bitrate mode of this run on `card`."""
+        return self.mode if self.mode is not None else mode_for(card, None, None)
 
 
 class SimClient:
@@ -75,7 +81,7 @@ class SimClient:
             model,
             self.port,
             self._queue,
-            num_codebooks=config.num_codebooks,
+            mode=config.mode_for(card),
             record=True,
             stats=self.encode_stats,
         )
@@ -192,6 +198,7 @@ class RoundtripClient:
         self.frame = card.frame_size
         self.block = max(1, round(rate * config.block_ms / 1000.0))
         self.source = source
+        self.mode = config.mode_for(card)
         self.port = VirtualAudio(rate, source, block=self.block, record_s=config.seconds + 2.0)
         self._chunk: F32 = np.zeros(rate, dtype=np.float32)
         self._prime = int(config.playout_ms * rate / 1000.0)
@@ -211,7 +218,7 @@ class RoundtripClient:
         hello = {
             "sample_rate": self.port.rate,
             "format": "f32le",
-            "num_codebooks": self.config.num_codebooks,
+            **mode_fields(self.mode),
             "tokens": "json",
             "return_tokens": True,
             "timestamps": True,

@@ -7,9 +7,10 @@ a real server, over a PulseAudio loopback (tests/client/pulse.py).
     listener played), sample-locked
 
 The listener's output must be the codec's own decoding of what the talker heard: the
-offline decode (the engine's model steps, client.files) of the left channel, found by a
-search over the talker's unknown frame phase and the delay; the delay is the measured
-mouth-to-ear latency of the whole path (device buffers included).
+offline decode (the engine's own streams, batched, in the calls' bitrate mode: the 6 kbps
+mode, low band included) of the left channel, found by a search over the talker's unknown
+frame phase and the delay; the delay is the measured mouth-to-ear latency of the whole path
+(device buffers included).
 
 The comparison is phase-insensitive (client.profiler.spectral): a decoder with its own
 oscillator state (a harmonic phase accumulator, long-memory states) plays the right audio
@@ -37,14 +38,17 @@ import soundfile as sf
 
 from client.__main__ import main
 from client.profiler.spectral import Locator, locate, log_spectral_distance, similarity
+from streaming.batch import BatchEngine
+from streaming.framing import SampleFormat
 from streaming.model import CodecModel
+from streaming.stream import DecoderStream, EncoderStream
 from tests.client.conftest import ServerThread, speech_clip
 from tests.client.pulse import PulseAudio, PulseError
 
 ROOT = Path(__file__).resolve().parents[2]
 RATE = 16000
 N = 320
-CODEBOOKS = 11  # --kbps 6
+KBPS = 6.0  # the calls' --kbps: the card's low-band mode
 LATENCY_BUDGET_MS = 400.0
 WARM, SPEECH = 25, 25  # phase search: frames of silence (state warm-up), frames of speech
 CANDIDATES = 8  # phases whose decode of the whole clip is compared
@@ -112,7 +116,7 @@ def call(
 ) -> Proc:
     """`codec-client call` in a subprocess on the PulseAudio devices `mic` / `speaker`."""
     argv = [sys.executable, "-m", "client", "call", "--server", server.url]
-    argv += ["--room", f"loop-{media}", "--kbps", "6", "--send", media, "--receive", media]
+    argv += ["--room", f"loop-{media}", "--kbps", f"{KBPS:g}", "--send", media, "--receive", media]
     argv += ["--input-device", mic, "--output-device", speaker, "--stats-json", str(stats)]
     return Proc(argv, pulse.env | {"PYTHONPATH": str(ROOT)})
 
@@ -121,25 +125,27 @@ def call(
 
 
 def decode_batch(model: CodecModel, x: np.ndarray) -> np.ndarray:
-    """Encode + decode B signals [B, K*N] at once (fresh states, CODEBOOKS codebooks)."""
+    """Encode + decode B signals [B, K*N] at once: fresh streams in the calls' bitrate mode
+    (`--kbps KBPS`: codebooks and, frame by frame as the encoder decides, the low band),
+    through the engine's own `EncoderStream` / `DecoderStream` code, batched."""
     card = model.card
+    mode = card.mode_for_bitrate(KBPS)
     b, frames = x.shape[0], x.shape[1] // N
-    enc = [np.zeros((b, *s.shape), np.float32) for s in card.encoder.states]
-    enc2 = [np.zeros_like(a) for a in enc]
-    dec = [np.zeros((b, *s.shape), np.float32) for s in card.decoder.states]
-    dec2 = [np.zeros_like(a) for a in dec]
-    codes = np.zeros((b, card.num_codebooks), np.int64)
-    gain = np.zeros(b, np.int64)
-    count = np.full(b, CODEBOOKS, np.int64)
-    pcm = np.zeros((b, N), np.float32)
+    engine = BatchEngine(model, capacity=b)
+    encoders = [EncoderStream(model, fmt=SampleFormat.F32LE) for _ in range(b)]
+    decoders = [DecoderStream(model, fmt=SampleFormat.F32LE) for _ in range(b)]
+    for encoder in encoders:
+        encoder.set_mode(mode)
     out = np.zeros_like(x)
     for k in range(frames):
-        model.encoder_step(np.ascontiguousarray(x[:, k * N : (k + 1) * N]), enc, codes, gain, enc2)
-        enc, enc2 = enc2, enc
-        codes[:, CODEBOOKS:] = 0
-        model.decoder_step(codes, count, gain, dec, pcm, dec2)
-        dec, dec2 = dec2, dec
-        out[:, k * N : (k + 1) * N] = pcm
+        for row, encoder in zip(x, encoders, strict=True):
+            encoder.push(row[k * N : (k + 1) * N])
+        for decoder, frame in zip(decoders, engine.encode_step(encoders), strict=True):
+            assert frame is not None
+            decoder.push(frame)
+        engine.decode_step(decoders)
+        for row, decoder in zip(out, decoders, strict=True):
+            assert decoder.pull_into(row[k * N : (k + 1) * N]) == N
     return out
 
 

@@ -8,7 +8,7 @@ import pytest
 from client.engine import CaptureSide, PlayoutSide
 from client.profiler.analysis import reference_decode
 from client.virtual import VirtualAudio
-from streaming.model import CodecModel
+from streaming.model import BitrateMode, CodecModel
 from streaming.protocol import TokenPacket, encode_packet
 
 
@@ -32,13 +32,16 @@ def call(
     source: np.ndarray,
     ticks: int,
     lose: set[int] = frozenset(),  # type: ignore[assignment]
+    mode: BitrateMode | None = None,
 ) -> tuple[VirtualAudio, CaptureSide, PlayoutSide, Link]:
     clock = [100.0]
     a = VirtualAudio(16000, source, block=320)
     b = VirtualAudio(16000, np.zeros(0, np.float32), block=320, record_s=ticks * 0.02)
     playout = PlayoutSide(model, b, clock=lambda: clock[0], record=True)
     link = Link(playout, clock, set(lose))
-    capture = CaptureSide(model, a, link, stream_id=5, num_codebooks=5, clock=lambda: clock[0])
+    capture = CaptureSide(
+        model, a, link, stream_id=5, num_codebooks=5, mode=mode, clock=lambda: clock[0]
+    )
     for _ in range(ticks):
         clock[0] += 0.02
         a.advance(clock[0])
@@ -48,13 +51,19 @@ def call(
     return b, capture, playout, link
 
 
+@pytest.mark.parametrize("kbps", [None, 6.0])
 def test_played_audio_is_the_offline_decode_at_a_fixed_delay(
-    model: CodecModel, speech: tuple[np.ndarray, int]
+    model: CodecModel, speech: tuple[np.ndarray, int], kbps: float | None
 ) -> None:
+    """5 codebooks, or the card's 6 kbps mode (with a low band)."""
     x = speech[0][:16000]
-    b, capture, playout, _ = call(model, x, 60)
+    mode = None if kbps is None else model.card.mode_for_bitrate(kbps)
+    b, capture, playout, link = call(model, x, 60, mode=mode)
+    if mode is not None:
+        assert {p.frame.num_codebooks for p in link.sent} == {mode.num_codebooks}
+        assert any(p.frame.lowband_layout == mode.lowband_layout for p in link.sent)
     rec = b.recording[: b.recorded]
-    ref = reference_decode(model, x, 5)
+    ref = reference_decode(model, x, 5 if mode is None else mode)
     lag = int(np.argmax(np.correlate(rec[:8000], ref[2000:6000], "valid"))) - 2000
     seg, r = rec[lag + 2000 : lag + 14000], ref[2000:14000]
     assert float(seg @ r / np.sqrt((seg @ seg) * (r @ r))) > 0.9999

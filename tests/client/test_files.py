@@ -17,13 +17,20 @@ import soundfile as sf
 
 from client.__main__ import main
 from client.audiofile import resample
+from streaming.lowband import LAYOUTS, dequantize_into, quantize
 from streaming.model import CodecModel
-from streaming.protocol import BitstreamWriter, SourceInfo, read_bitstream
+from streaming.protocol import BitstreamWriter, SourceInfo, TokenFrame, read_bitstream
 
 
-def offline_decode(model: CodecModel, x16: np.ndarray, codebooks: int) -> np.ndarray:
+def offline_decode(
+    model: CodecModel, x16: np.ndarray, codebooks: int, sent: list[TokenFrame] | None = None
+) -> np.ndarray:
     """Model-rate decode of `x16` (zero-padded to whole frames, one extra for the output
-    delay) by direct model steps, aligned (delay removed) and cut to len(x16)."""
+    delay) by direct model steps, aligned (delay removed) and cut to len(x16).
+
+    `sent`: the frames of the file under test.  Frame k then sends a low band when sent[k]
+    has one (the encoder's choice per frame), quantised here from the encoder step's own
+    output and checked against the file's indices (and the file's codes and gain too)."""
     card = model.card
     n, d = card.frame_size, card.output_delay_samples
     frames = math.ceil((len(x16) + d) / n)
@@ -34,12 +41,24 @@ def offline_decode(model: CodecModel, x16: np.ndarray, codebooks: int) -> np.nda
     gain = np.zeros(1, dtype=np.int64)
     count = np.array([codebooks], dtype=np.int64)
     pcm = np.zeros((1, n), dtype=np.float32)
+    low = np.zeros((1, card.lowband_bins), dtype=np.float32)  # the encoder's low band output
+    values, mask = np.zeros_like(low), np.zeros_like(low)  # the decoder's (none by default)
     out = []
     for k in range(frames):
-        model.encoder_step(x[None, k * n : (k + 1) * n].copy(), enc.arrays, codes, gain, enc.spare)
+        frame = x[None, k * n : (k + 1) * n].copy()
+        model.encoder_step(frame, enc.arrays, codes, gain, low, enc.spare)
         enc.swap()
         codes[0, codebooks:] = 0
-        model.decoder_step(codes, count, gain, dec.arrays, pcm, dec.spare)
+        values[:], mask[:] = 0.0, 0.0
+        if sent is not None:
+            got = sent[k]
+            assert (got.gain_index, got.codes) == (int(gain[0]), tuple(codes[0, :codebooks]))
+            if got.lowband_layout:
+                spec = LAYOUTS[got.lowband_layout]
+                indices = quantize(low[0], spec, np.zeros(spec.bins, np.int64))
+                assert tuple(indices.tolist()) == got.lowband, k
+                dequantize_into(indices, spec, values[0], mask[0])
+        model.decoder_step(codes, count, gain, values, mask, dec.arrays, pcm, dec.spare)
         dec.swap()
         out.append(pcm[0].copy())
     return np.concatenate(out)[d : d + len(x16)]
@@ -70,11 +89,11 @@ def test_round_trip_is_aligned_with_exact_length_and_size(
     card = model.card
     assert header.source == SourceInfo(rate, len(x))
     assert len(frames) == math.ceil((len(x) + card.output_delay_samples) / card.frame_size)
-    assert {f.num_codebooks for f in frames} == {1}
-    # bitrate = file size: header + 20 bits per frame, nothing else (125 bytes/s at 1 kbps)
+    assert {(f.num_codebooks, f.lowband_layout) for f in frames} == {(1, 0)}
+    # bitrate = file size: header + 21 bits per frame, nothing else (131.25 bytes/s)
     header_bytes = 26 + len(card.model_id) + 10
-    assert len(data) == header_bytes + math.ceil(20 * len(frames) / 8)
-    assert abs((len(data) - header_bytes) / (len(x) / rate) - 125) < 2
+    assert len(data) == header_bytes + math.ceil(21 * len(frames) / 8)
+    assert abs((len(data) - header_bytes) / (len(x) / rate) - 131.25) < 2
 
     y, out_rate = sf.read(out, dtype="float32")
     assert out_rate == rate and len(y) == len(x)
@@ -154,7 +173,8 @@ def test_file_without_source_record_decodes_every_determined_sample(
         (lambda p: p.write_text("hello"), "encode", "not a readable audio file"),
         (lambda p: None, "decode", "no such file"),
         (lambda p: p.write_bytes(b"RIFF0000WAVE"), "decode", "not a valid codecstream"),
-        (lambda p: p.write_bytes(b"CSTR\x01\x00\x00"), "decode", "truncated"),
+        (lambda p: p.write_bytes(b"CSTR\x02\x00\x00"), "decode", "truncated"),
+        (lambda p: p.write_bytes(b"CSTR\x01\x00\x00"), "decode", "unknown_version"),
     ],
 )
 def test_bad_input_file_is_a_clear_error(
@@ -166,3 +186,65 @@ def test_bad_input_file_is_a_clear_error(
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"codec-client {command}: error: ") and message in err
     assert len(err.splitlines()) == 1
+
+
+def test_low_band_mode_round_trip_is_aligned_and_measured(
+    tmp_path: Path, wav16: Path, model: CodecModel, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--kbps 6 encodes in the card's low-band mode: the file's frames are the direct model
+    steps' (low band quantised from the encoder output), the decode is the offline decode
+    with that low band, aligned, of exactly len(x) samples; the summary gives the mode and
+    the payload bitrate measured on the file."""
+    mode = model.card.mode_for_bitrate(6)
+    assert mode.lowband_layout != 0
+    x, rate = sf.read(wav16, dtype="float32")
+    csb, out = tmp_path / "a.csb", tmp_path / "a.wav"
+    assert run("encode", wav16, csb, "--kbps", "6") == 0
+    summary = capsys.readouterr().err
+    assert f"mode {mode.num_codebooks} codebooks + low band {mode.lowband_layout}" in summary
+    assert f"{mode.kbps:.2f} kbps nominal" in summary and "payload measured" in summary
+    assert run("decode", csb, out, "--float", "-q") == 0
+    data = csb.read_bytes()
+    _, frames = read_bitstream(data)
+    card = model.card
+    assert {f.num_codebooks for f in frames} == {mode.num_codebooks}
+    assert {f.lowband_layout for f in frames} <= {0, mode.lowband_layout}
+    bits = sum(f.bit_length(code_bits=card.code_bits, gain_bits=card.gain.bits) for f in frames)
+    header_bytes = 26 + len(card.model_id) + 10
+    assert len(data) == header_bytes + math.ceil(bits / 8)
+    measured = float(summary.split("payload measured ")[1].split(" kbps")[0])
+    seconds = len(frames) * card.frame_ms / 1000
+    assert measured == pytest.approx(8 * (len(data) - header_bytes) / seconds / 1000, abs=0.01)
+    y, out_rate = sf.read(out, dtype="float32")
+    assert out_rate == rate and len(y) == len(x)
+    ref = offline_decode(model, x, mode.num_codebooks, frames)
+    np.testing.assert_allclose(y, ref, atol=1e-6)
+
+
+def test_explicit_low_band_layout_option(tmp_path: Path, wav16: Path) -> None:
+    csb = tmp_path / "a.csb"
+    assert run("encode", wav16, csb, "--codebooks", "4", "--lowband-layout", "1", "-q") == 0
+    _, frames = read_bitstream(csb.read_bytes())
+    assert {f.num_codebooks for f in frames} == {4}
+    assert {f.lowband_layout for f in frames} <= {0, 1}
+    assert any(f.lowband_layout == 1 for f in frames)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--lowband-layout", "1"], "--lowband-layout needs --codebooks"),
+        (["--codebooks", "2", "--lowband-layout", "5"], "--lowband-layout must be one of 0, 1, 2"),
+        (["--kbps", "0.5"], "--kbps: 0.5 kbps is below the lowest bitrate"),
+    ],
+)
+def test_bad_bitrate_options_are_clear_errors(
+    tmp_path: Path,
+    wav16: Path,
+    capsys: pytest.CaptureFixture[str],
+    options: list[str],
+    message: str,
+) -> None:
+    assert run("encode", wav16, tmp_path / "x.csb", *options, "-q") == 1
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1

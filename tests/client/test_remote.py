@@ -10,7 +10,8 @@ import pytest
 import soundfile as sf
 
 from client.__main__ import main
-from streaming.protocol import read_bitstream
+from streaming.model import CodecModel
+from streaming.protocol import packet_from_json, read_bitstream
 from tests.client.conftest import ServerThread
 
 
@@ -26,15 +27,24 @@ def wav(tmp_path: Path, speech: tuple[np.ndarray, int]) -> Path:
     return path
 
 
+@pytest.mark.parametrize("kbps", ["3", "6"])
 @pytest.mark.parametrize("transport", ["ws", "http"])
 def test_server_coding_equals_local_coding(
-    tmp_path: Path, wav: Path, server: ServerThread, transport: str
+    tmp_path: Path, wav: Path, server: ServerThread, model: CodecModel, transport: str, kbps: str
 ) -> None:
+    """The bitrate modes of 3 and 6 kbps (both with a low band on the bundled card)."""
     local, remote = tmp_path / "l.csb", tmp_path / "r.csb"
-    assert run("encode", wav, local, "--kbps", "3", "-q") == 0
+    assert run("encode", wav, local, "--kbps", kbps, "-q") == 0
     via = ("--server", server.url, "--transport", transport)
-    assert run("encode", wav, remote, "--kbps", "3", "-q", *via) == 0
+    assert run("encode", wav, remote, "--kbps", kbps, "-q", *via) == 0
     assert remote.read_bytes() == local.read_bytes()  # same engine, same tokens, same file
+    mode = model.card.mode_for_bitrate(float(kbps))
+    _, frames = read_bitstream(local.read_bytes())
+    assert {(f.num_codebooks, f.lowband_layout) for f in frames} <= {
+        (mode.num_codebooks, 0),
+        (mode.num_codebooks, mode.lowband_layout),
+    }
+    assert any(f.lowband_layout == mode.lowband_layout for f in frames)
 
     assert run("decode", local, tmp_path / "l.wav", "--float", "-q") == 0
     assert run("decode", local, tmp_path / "r.wav", "--float", "-q", *via) == 0
@@ -45,22 +55,33 @@ def test_server_coding_equals_local_coding(
     np.testing.assert_allclose(y_remote, y_local, atol=tolerance)
 
 
+@pytest.mark.parametrize("kbps", ["1", "6"])
 def test_stream_prints_json_lines_and_saves_a_bitstream(
-    tmp_path: Path, wav: Path, server: ServerThread, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path,
+    wav: Path,
+    server: ServerThread,
+    model: CodecModel,
+    capsys: pytest.CaptureFixture[str],
+    kbps: str,
 ) -> None:
+    mode = model.card.mode_for_bitrate(float(kbps))
     saved = tmp_path / "tokens.csb"
-    args = ("stream", wav, "--server", server.url, "--kbps", "1", "--json", "--fast")
+    args = ("stream", wav, "--server", server.url, "--kbps", kbps, "--json", "--fast")
     assert run(*args, "--save", saved) == 0
     out, err = capsys.readouterr()
     lines = [json.loads(line) for line in out.splitlines()]
     frames = -(-sf.info(wav).frames // 320)
     assert len(lines) == frames
     assert [p["seq"] for p in lines] == list(range(frames))
-    assert all(p["num_codebooks"] == 1 and len(p["codes"]) == 1 for p in lines)
-    assert "token latency" in err
+    n = mode.num_codebooks
+    assert all(p["num_codebooks"] == n and len(p["codes"]) == n for p in lines)
+    lows = [p["lowband"]["layout"] for p in lines if "lowband" in p]
+    assert set(lows) == ({mode.lowband_layout} if mode.lowband_layout else set())
+    assert "token latency" in err and "payload measured" in err
     header, saved_frames = read_bitstream(saved.read_bytes())
     source = header.source
-    assert [f.codes for f in saved_frames] == [tuple(p["codes"]) for p in lines]
+    packets = [packet_from_json(p, code_bits=10, gain_bits=6, max_codebooks=12) for p in lines]
+    assert saved_frames == [p.frame for p in packets]
     assert source is not None and source.samples == sf.info(wav).frames
 
 

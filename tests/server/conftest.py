@@ -30,6 +30,7 @@ from websockets.asyncio.client import ClientConnection
 from server.app import create_app
 from server.runner import CodecServer, make_config
 from server.settings import Settings
+from streaming.model import ModelCard, default_model_dir
 from streaming.protocol import TokenPacket, decode_packet
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -188,6 +189,9 @@ HELLO = json.dumps({"type": "hello", "version": 1})
 
 Q, CODE_BITS, GAIN_BITS = 12, 10, 6
 """The bundled model's codebooks and bit widths."""
+
+CARD = ModelCard.from_file(default_model_dir() / "card.json")
+"""The bundled model's card: bitrate modes (`mode_for_bitrate`), nominal rates."""
 
 
 def parse_packets(messages: list[bytes]) -> list[TokenPacket]:

@@ -14,6 +14,7 @@ from server.codes import CloseCode
 from server.engine_pool import EnginePool
 from server.engine_worker import Delivery, EngineWorker, Fatal, Job, Out
 from server.jobs import EndMark, StreamJob, TokenOutput
+from server.messages import mode_of
 from server.metrics import Metrics
 from streaming.framing import SampleFormat
 from streaming.model import CodecModel
@@ -55,7 +56,7 @@ def encode_job(model: CodecModel, sink: Callable[[list[Any]], None]) -> StreamJo
         decode=False,
         rate=16000,
         fmt=SampleFormat.S16LE,
-        num_codebooks=3,
+        mode=mode_of(model.card, 3),
         tokens=TokenOutput.BINARY,
     )
 

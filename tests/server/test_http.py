@@ -13,7 +13,7 @@ import pytest
 
 from server.wav import WavError, read_wav
 from streaming.model import ModelCard, default_model_dir
-from streaming.protocol import read_bitstream
+from streaming.protocol import TokenFrame, decode_file_header, packet_from_json, read_bitstream
 from tests.server.conftest import ServerThread, connect, hello, receive_all, send_pcm
 
 CARD = ModelCard.from_file(default_model_dir() / "card.json")
@@ -38,8 +38,29 @@ async def test_health_ready_models(server: ServerThread) -> None:
         assert ready.status_code == 200 and ready.json()["model_id"] == CARD.model_id
         models = (await client.get("/v1/models")).json()["models"]
     (model,) = models
-    assert model["num_codebooks"] == 12 and model["default_num_codebooks"] == 11
-    assert model["bitrates_kbps"]["1"] == 1.0 and model["card"]["frame_size"] == 320
+    six = CARD.mode_for_bitrate(6)
+    assert model["num_codebooks"] == 12 and model["default_num_codebooks"] == six.num_codebooks
+    assert model["bitrates_kbps"]["1"] == 1.05 and model["card"]["frame_size"] == 320
+    assert model["bitrates_kbps"]["12"] == round(CARD.bitrate_kbps(12), 4)
+    # the named modes: what bitrate_kbps 1, 3 and 6 select
+    assert set(model["modes"]) == {"1", "3", "6"}
+    for kbps, entry in model["modes"].items():
+        mode = CARD.mode_for_bitrate(float(kbps))
+        assert entry == {
+            "num_codebooks": mode.num_codebooks,
+            "lowband_layout": mode.lowband_layout,
+            "bitrate_kbps": round(mode.kbps, 4),
+        }
+    assert model["modes"]["1"]["lowband_layout"] == 0
+    assert model["modes"]["6"]["lowband_layout"] != 0
+    assert model["default_mode"] == model["modes"]["6"]
+    assert set(model["lowband_layouts"]) == {"1", "2"}
+    assert model["lowband_layouts"]["1"]["band_hz"] == [0.0, 800.0]
+
+
+def file_bits(frames: list[TokenFrame]) -> int:
+    """Bits of the frame payloads of a bitstream file (one continuous bit stream)."""
+    return sum(f.bit_length(code_bits=CARD.code_bits, gain_bits=CARD.gain.bits) for f in frames)
 
 
 async def test_http_encode_decode_round_trip(server: ServerThread, clip: np.ndarray) -> None:
@@ -48,11 +69,15 @@ async def test_http_encode_decode_round_trip(server: ServerThread, clip: np.ndar
         encoded = await client.post("/v1/encode?bitrate_kbps=1", content=wav_bytes(clip))
         assert encoded.status_code == 200, encoded.text
         assert encoded.headers["x-codecstream-frames"] == str(frames)
+        assert encoded.headers["x-codecstream-num-codebooks"] == "1"
+        assert encoded.headers["x-codecstream-lowband-layout"] == "0"
+        assert encoded.headers["x-codecstream-bitrate-kbps"] == "1.05"
         header, tokens = read_bitstream(encoded.content)
         assert header.model_id == CARD.model_id and header.num_frames == frames
-        assert all(t.num_codebooks == 1 for t in tokens)
-        # 1 codebook = 20 bits per frame: the file size is the bitrate
-        assert len(encoded.content) == 26 + len(header.model_id) + math.ceil(20 * frames / 8)
+        assert all(t.num_codebooks == 1 and t.lowband_layout == 0 for t in tokens)
+        # 1 codebook = 21 bits per frame: the file size is the bitrate
+        assert file_bits(tokens) == 21 * frames
+        assert len(encoded.content) == 26 + len(header.model_id) + math.ceil(21 * frames / 8)
         decoded = await client.post("/v1/decode", content=encoded.content)
         assert decoded.status_code == 200 and decoded.headers["content-type"] == "audio/wav"
         pcm, rate = read_wav(decoded.content)
@@ -62,18 +87,57 @@ async def test_http_encode_decode_round_trip(server: ServerThread, clip: np.ndar
         assert rate48 == 48000 and 960 * frames <= len(pcm48) <= 960 * frames + 200
 
 
-async def test_http_encode_matches_websocket_encode(server: ServerThread, clip: np.ndarray) -> None:
-    part = clip[:8000]
+async def test_http_encode_decode_round_trip_at_6_kbps(
+    server: ServerThread, clip: np.ndarray
+) -> None:
+    """6 kbps selects the card's low-band mode: the headers report it, the frames carry the
+    low band, the file size is the sum of the frames' bits, the decode has the right length."""
+    mode = CARD.mode_for_bitrate(6)
+    frames = math.ceil(len(clip) / 320)
     async with httpx.AsyncClient(base_url=server.http, timeout=30) as client:
-        body = (await client.post("/v1/encode?num_codebooks=5", content=wav_bytes(part))).content
-    _, http_frames = read_bitstream(body)
+        encoded = await client.post("/v1/encode?bitrate_kbps=6", content=wav_bytes(clip))
+        assert encoded.status_code == 200, encoded.text
+        headers = encoded.headers
+        assert headers["x-codecstream-num-codebooks"] == str(mode.num_codebooks)
+        assert headers["x-codecstream-lowband-layout"] == str(mode.lowband_layout)
+        assert float(headers["x-codecstream-bitrate-kbps"]) == round(mode.kbps, 4)
+        _, tokens = read_bitstream(encoded.content)
+        assert len(tokens) == frames
+        assert all(t.num_codebooks == mode.num_codebooks for t in tokens)
+        layouts = [t.lowband_layout for t in tokens]
+        assert set(layouts) <= {0, mode.lowband_layout}
+        assert layouts.count(mode.lowband_layout) > frames // 2
+        _, header_size = decode_file_header(encoded.content)
+        assert len(encoded.content) == header_size + math.ceil(file_bits(tokens) / 8)
+        decoded = await client.post("/v1/decode", content=encoded.content)
+        assert decoded.status_code == 200, decoded.text
+        assert decoded.headers["x-codecstream-frames"] == str(frames)
+        pcm, rate = read_wav(decoded.content)
+        assert rate == 16000 and len(pcm) == 320 * frames and np.all(np.isfinite(pcm))
+        assert np.max(np.abs(pcm)) > 0
+
+
+async def test_http_encode_matches_websocket_encode(server: ServerThread, clip: np.ndarray) -> None:
+    """The same exact mode (expert: codebooks and a low-band layout) on both transports."""
+    part = clip[:8000]
+    query = "/v1/encode?num_codebooks=3&lowband_layout=1"
+    async with httpx.AsyncClient(base_url=server.http, timeout=30) as client:
+        response = await client.post(query, content=wav_bytes(part))
+    assert response.headers["x-codecstream-lowband-layout"] == "1"
+    _, http_frames = read_bitstream(response.content)
     async with connect(server.ws("/v1/encode")) as ws:
-        await hello(ws, num_codebooks=5, tokens="json")
+        ready = await hello(ws, num_codebooks=3, lowband_layout=1, tokens="json")
+        assert ready["bitrate_kbps"] == round(CARD.bitrate_kbps(3, 1), 4)
         await send_pcm(ws, part)
         await ws.send(json.dumps({"type": "end"}))
         got = await receive_all(ws)
-    ws_frames = [(m["packet"]["gain_index"], m["packet"]["codes"]) for m in got.of_type("packet")]
-    assert [(f.gain_index, list(f.codes)) for f in http_frames] == ws_frames
+    ws_frames = [
+        packet_from_json(m["packet"], code_bits=10, gain_bits=6, max_codebooks=12).frame
+        for m in got.of_type("packet")
+    ]
+    assert http_frames == ws_frames
+    assert {f.lowband_layout for f in ws_frames} <= {0, 1}
+    assert any(f.lowband_layout == 1 for f in ws_frames)
 
 
 async def test_stereo_and_8k_wav_are_accepted(server: ServerThread, clip: np.ndarray) -> None:
@@ -93,8 +157,13 @@ async def test_stereo_and_8k_wav_are_accepted(server: ServerThread, clip: np.nda
         ("/v1/encode?bitrate_kbps=0.2", b"x", 400, "bad_query"),
         ("/v1/encode?num_codebooks=99", b"x", 400, "bad_query"),
         ("/v1/encode?bitrate_kbps=3&num_codebooks=2", b"x", 400, "bad_query"),
+        ("/v1/encode?lowband_layout=1", b"x", 400, "bad_query"),
+        ("/v1/encode?bitrate_kbps=6&lowband_layout=1", b"x", 400, "bad_query"),
+        ("/v1/encode?num_codebooks=2&lowband_layout=3", b"x", 400, "bad_query"),
+        ("/v1/encode?num_codebooks=2&lowband_layout=-1", b"x", 400, "bad_query"),
         ("/v1/encode?foo=1", b"x", 400, "bad_query"),
-        ("/v1/decode", b"CSTR\x02", 422, "unknown_version"),
+        ("/v1/decode", b"CSTR\x01", 422, "unknown_version"),  # a version-1 file
+        ("/v1/decode", b"CSTR\x02", 422, "truncated"),
         ("/v1/decode", b"RIFF", 422, "bad_magic"),
         ("/v1/decode?sample_rate=44100", b"x", 415, "unsupported_rate"),
     ],

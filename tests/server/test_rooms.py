@@ -14,6 +14,7 @@ import websockets
 from server.codes import CloseCode
 from streaming.protocol import PacketTimes, TokenPacket, encode_packet, ts_diff
 from tests.server.conftest import (
+    CARD,
     CODE_BITS,
     GAIN_BITS,
     OTHER_CLIP,
@@ -239,8 +240,18 @@ async def test_room_set_bitrate_for_pcm_sender(server: ServerThread) -> None:
         await a.send(pcm[640 * 3 :])
         reply = json.loads(await asyncio.wait_for(a.recv(), 5))
         got, _ = await drain(b, 5.0, expect=6)
-    assert reply["type"] == "bitrate" and reply["from_frame"] == 3
-    assert [p.num_codebooks for p in parse_packets(got)] == [11, 11, 11, 1, 1, 1]
+    assert reply == {
+        "type": "bitrate",
+        "num_codebooks": 1,
+        "lowband_layout": 0,
+        "bitrate_kbps": round(CARD.bitrate_kbps(1), 4),
+        "from_frame": 3,
+    }
+    six = CARD.mode_for_bitrate(6)
+    frames = [p.frame for p in parse_packets(got)]
+    assert [f.num_codebooks for f in frames] == [six.num_codebooks] * 3 + [1] * 3
+    assert {f.lowband_layout for f in frames[:3]} <= {0, six.lowband_layout}
+    assert {f.lowband_layout for f in frames[3:]} == {0}
 
 
 async def test_listener_without_senders_gets_silence(server: ServerThread) -> None:
@@ -256,7 +267,7 @@ async def test_room_survives_a_participant_error(server: ServerThread) -> None:
     async with connect(url) as a, connect(url) as b:
         await hello(a, send="tokens", receive="tokens")
         pb = (await hello(b, send="tokens", receive="tokens"))["participant_id"]
-        await b.send(b"\xc5\x01")
+        await b.send(b"\xc5\x02")  # truncated
         with pytest.raises(websockets.ConnectionClosed):
             await asyncio.wait_for(b.recv(), 5)
         assert b.close_code == CloseCode.MALFORMED_PACKET

@@ -7,7 +7,16 @@ from pathlib import Path
 import pytest
 
 from server.codes import CloseCode, SessionError, close_reason
-from server.messages import End, Endpoint, Ping, SetBitrate, parse_control, parse_hello
+from server.messages import (
+    End,
+    Endpoint,
+    Ping,
+    SetBitrate,
+    default_mode,
+    mode_of,
+    parse_control,
+    parse_hello,
+)
 from server.settings import Settings, SettingsError, build_parser, parse_api_keys, parse_settings
 from streaming.model import CodecModel
 
@@ -90,16 +99,62 @@ def test_close_reason_fits_a_close_frame() -> None:
 def test_hello_and_control_parsing() -> None:
     card = CodecModel.load().card
     h = parse_hello({"type": "hello", "version": 1, "bitrate_kbps": 3.2}, Endpoint.ENCODE, card)
-    assert h.num_codebooks == 5 and h.sample_rate == 16000 and h.sends_pcm
+    assert h.mode == card.mode_for_bitrate(3.2) and h.sample_rate == 16000 and h.sends_pcm
+    assert (h.num_codebooks, h.lowband_layout) == (h.mode.num_codebooks, h.mode.lowband_layout)
     room = parse_hello(
         {"type": "hello", "version": 1, "send": "pcm", "receive": "none", "sample_rate": 48000},
         Endpoint.ROOM,
         card,
     )
-    assert room.sends_pcm and not room.receives_pcm and room.num_codebooks == 11
-    assert parse_control({"type": "set_bitrate", "num_codebooks": 2}, h, card) == SetBitrate(2)
+    assert room.sends_pcm and not room.receives_pcm and room.mode == card.mode_for_bitrate(6)
+    assert default_mode(card) == card.mode_for_bitrate(6)
+    plain = parse_control({"type": "set_bitrate", "num_codebooks": 2}, h, card)
+    assert plain == SetBitrate(mode_of(card, 2))
+    assert plain.mode.lowband_layout == 0 and plain.mode.kbps == card.bitrate_kbps(2)
     assert parse_control({"type": "end"}, h, card) == End()
     assert parse_control({"type": "ping", "id": None}, h, card) == Ping(None, True)
     with pytest.raises(SessionError) as info:
         parse_hello({"type": "hello", "version": 1, "stream_id": -1}, Endpoint.ENCODE, card)
     assert info.value.code == CloseCode.BAD_REQUEST and "stream_id" in info.value.reason
+
+
+def test_bitrate_modes_in_hello_and_set_bitrate() -> None:
+    """bitrate_kbps selects the card's mode (low band included); num_codebooks an exact count
+    without low band, or with lowband_layout an exact mode; decode sessions report Q."""
+    card = CodecModel.load().card
+    base = {"type": "hello", "version": 1}
+    for kbps in (1, 3, 6, 6.5):
+        h = parse_hello({**base, "bitrate_kbps": kbps}, Endpoint.ROUNDTRIP, card)
+        assert h.mode == card.mode_for_bitrate(kbps)
+    expert = parse_hello({**base, "num_codebooks": 3, "lowband_layout": 2}, Endpoint.ENCODE, card)
+    assert expert.mode == mode_of(card, 3, 2)
+    assert expert.mode.kbps == card.bitrate_kbps(3, 2)
+    none = parse_hello({**base, "num_codebooks": 4, "lowband_layout": 0}, Endpoint.ENCODE, card)
+    assert none.mode == mode_of(card, 4)
+    decode = parse_hello(base, Endpoint.DECODE, card)
+    assert decode.mode == mode_of(card, card.num_codebooks)
+    control = parse_control({"type": "set_bitrate", "bitrate_kbps": 6}, expert, card)
+    assert control == SetBitrate(card.mode_for_bitrate(6))
+    control = parse_control(
+        {"type": "set_bitrate", "num_codebooks": 1, "lowband_layout": 1}, expert, card
+    )
+    assert control == SetBitrate(mode_of(card, 1, 1))
+    bad: list[tuple[dict[str, object], str]] = [
+        ({"lowband_layout": 1}, "only valid together with num_codebooks"),
+        ({"bitrate_kbps": 6, "lowband_layout": 1}, "only valid together with num_codebooks"),
+        ({"num_codebooks": 2, "lowband_layout": 3}, "lowband_layout must be one of 0, 1, 2"),
+        ({"num_codebooks": 2, "lowband_layout": True}, "lowband_layout must be one of"),
+        ({"num_codebooks": 2, "lowband_layout": "1"}, "lowband_layout must be one of"),
+        ({"num_codebooks": 0, "lowband_layout": 1}, "num_codebooks must be in 1..12"),
+        ({"bitrate_kbps": 0.5}, "below the lowest bitrate"),
+    ]
+    for fields, reason in bad:
+        with pytest.raises(SessionError) as info:
+            parse_hello({**base, **fields}, Endpoint.ENCODE, card)
+        assert info.value.code == CloseCode.BAD_REQUEST and reason in info.value.reason, fields
+        with pytest.raises(SessionError) as info:
+            parse_control({"type": "set_bitrate", **fields}, expert, card)
+        assert info.value.code == CloseCode.BAD_REQUEST and reason in info.value.reason, fields
+    with pytest.raises(SessionError) as info:
+        parse_hello({**base, "lowband_layout": 1}, Endpoint.DECODE, card)
+    assert "not valid for /v1/decode" in info.value.reason

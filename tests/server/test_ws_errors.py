@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from server.codes import CloseCode
-from streaming.protocol import TokenFrame, TokenPacket, encode_packet
+from streaming.protocol import TokenFrame, TokenPacket, encode_packet, max_packet_size
 from tests.server.conftest import (
     HELLO,
     ServerThread,
@@ -30,6 +30,8 @@ def hello_with(**fields: object) -> str:
 GOOD_PACKET = encode_packet(
     TokenPacket(1, 0, 0, TokenFrame(1, 33, (1023,))), code_bits=10, gain_bits=6
 )
+MAX_PACKET = max_packet_size(code_bits=10, gain_bits=6, max_codebooks=12)
+"""Largest valid packet of the bundled model (times, Q codebooks, the longest low band)."""
 
 # (path, messages, close code, text the reason must contain)
 BAD_CASES: list[tuple[str, list[str | bytes], int, str]] = [
@@ -53,20 +55,34 @@ BAD_CASES: list[tuple[str, list[str | bytes], int, str]] = [
     ("/v1/encode", [hello_with(bitrate_kbps=0.5)], CloseCode.BAD_REQUEST, "below"),
     ("/v1/encode", [hello_with(num_codebooks=13)], CloseCode.BAD_REQUEST, "1..12"),
     ("/v1/encode", [hello_with(num_codebooks=True)], CloseCode.BAD_REQUEST, "integer"),
+    ("/v1/encode", [hello_with(lowband_layout=1)], CloseCode.BAD_REQUEST, "lowband_layout"),
+    (
+        "/v1/encode",
+        [hello_with(num_codebooks=2, lowband_layout=9)],
+        CloseCode.BAD_REQUEST,
+        "lowband_layout must be one of 0, 1, 2",
+    ),
+    (
+        "/v1/encode",
+        [hello_with(bitrate_kbps=6, lowband_layout=2)],
+        CloseCode.BAD_REQUEST,
+        "only valid together with num_codebooks",
+    ),
+    ("/v1/decode", [hello_with(lowband_layout=0)], CloseCode.BAD_REQUEST, "lowband_layout"),
     ("/v1/roundtrip", [hello_with(tokens="binary")], CloseCode.BAD_REQUEST, "json"),
     ("/v1/encode", [b"\x00\x01"], CloseCode.UNSUPPORTED_DATA, "before the hello"),
-    ("/v1/decode", [HELLO, b"\xc5\x01\x01"], CloseCode.MALFORMED_PACKET, "truncated"),
+    ("/v1/decode", [HELLO, b"\xc5\x02\x01"], CloseCode.MALFORMED_PACKET, "truncated"),
     ("/v1/decode", [HELLO, b"\x00" * 17], CloseCode.MALFORMED_PACKET, "bad_magic"),
     (
         "/v1/decode",
-        [HELLO, b"\xc5\x02" + b"\x00" * 15],
+        [HELLO, b"\xc5\x01" + GOOD_PACKET[2:]],  # a version-1 packet
         CloseCode.MALFORMED_PACKET,
         "unknown_version",
     ),
     ("/v1/decode", [HELLO, GOOD_PACKET + b"\x00"], CloseCode.MALFORMED_PACKET, "trailing_data"),
     (
         "/v1/decode",
-        [HELLO, b"\xc5\x01\x01\x00" + b"\x00" * 60],
+        [HELLO, b"\xc5\x02\x01\x00" + b"\x00" * (MAX_PACKET - 3)],
         CloseCode.MESSAGE_TOO_BIG,
         "oversized",
     ),
@@ -203,7 +219,7 @@ async def test_bad_clients_do_not_disturb_a_good_session(
 
 
 async def test_metrics_count_the_errors(server: ServerThread) -> None:
-    await close_code_of(server.ws("/v1/decode"), HELLO, b"\xc5\x01\x01")
+    await close_code_of(server.ws("/v1/decode"), HELLO, b"\xc5\x02\x01")
     import httpx
 
     async with httpx.AsyncClient() as client:
