@@ -35,7 +35,7 @@ from client.audiofile import Audio, resample, resampled_length
 from client.errors import ClientError
 from client.progress import progress_bar
 from streaming.framing import SampleFormat
-from streaming.lowband import LAYOUTS, LOWBAND_LAYOUT_NONE
+from streaming.lowband import LOWBAND_LAYOUT_NONE
 from streaming.model import BitrateMode, CodecModel, ModelCard, ModelError
 from streaming.protocol import (
     BitstreamHeader,
@@ -126,14 +126,13 @@ def mode_for(
         if not 1 <= codebooks <= q:
             raise ClientError(f"--codebooks must be in 1..{q} for model {card.model_id}")
         layout = LOWBAND_LAYOUT_NONE if lowband_layout is None else lowband_layout
-        usable = [LOWBAND_LAYOUT_NONE]
-        usable += [lid for lid, spec in sorted(LAYOUTS.items()) if spec.bins <= card.lowband_bins]
+        usable = card.lowband_layouts
         if layout not in usable:
             raise ClientError(
                 f"--lowband-layout must be one of {', '.join(map(str, usable))} for model "
                 f"{card.model_id}"
             )
-        return BitrateMode(codebooks, layout, card.bitrate_kbps(codebooks, layout))
+        return card.mode(codebooks, layout)
     try:
         return card.mode_for_bitrate(DEFAULT_KBPS if kbps is None else kbps)
     except ValueError as exc:

@@ -39,7 +39,6 @@ from server.messages import (
     mode_fields,
     mode_of,
     named_modes,
-    nominal_kbps,
 )
 from server.state import AppState
 from server.wav import WavError, read_wav, write_wav
@@ -198,7 +197,7 @@ def _modes_entry(card: ModelCard) -> dict[str, Any]:
         "default_num_codebooks": default_mode(card).num_codebooks,
         "default_mode": mode_fields(default_mode(card)),
         "bitrates_kbps": {
-            str(n): nominal_kbps(mode_of(card, n)) for n in range(1, card.num_codebooks + 1)
+            str(n): card.bitrate_kbps(n) for n in range(1, card.num_codebooks + 1)
         },
         "lowband_layouts": {
             str(lid): {
@@ -321,7 +320,7 @@ async def _encode(request: Request) -> Response:
             "X-Codecstream-Frames": str(len(frames)),
             "X-Codecstream-Num-Codebooks": str(mode.num_codebooks),
             "X-Codecstream-Lowband-Layout": str(mode.lowband_layout),
-            "X-Codecstream-Bitrate-Kbps": f"{nominal_kbps(mode):g}",
+            "X-Codecstream-Bitrate-Kbps": f"{mode.kbps:g}",
             "X-Codecstream-Late-Frames": str(done.late_frames),
         },
     )

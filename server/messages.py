@@ -25,7 +25,7 @@ from typing import Any, Final
 
 from server.codes import CloseCode, SessionError
 from streaming.framing import SUPPORTED_RATES, SampleFormat
-from streaming.lowband import LAYOUTS, LOWBAND_LAYOUT_NONE
+from streaming.lowband import LOWBAND_LAYOUT_NONE
 from streaming.model import BitrateMode, ModelCard
 from streaming.protocol import ProtocolError, TokenPacket, packet_from_json
 
@@ -47,7 +47,6 @@ __all__ = [
     "mode_fields",
     "mode_of",
     "named_modes",
-    "nominal_kbps",
     "parse_control",
     "parse_hello",
     "parse_text",
@@ -230,16 +229,13 @@ def _get_choice(obj: dict[str, Any], key: str, choices: tuple[str, ...]) -> str:
 def mode_of(card: ModelCard, num_codebooks: int, lowband_layout: int = LOWBAND_LAYOUT_NONE
             ) -> BitrateMode:
     """The mode of an explicit codebook count and low-band layout (values already checked),
-    with its nominal bitrate."""
-    return BitrateMode(
-        num_codebooks, lowband_layout, card.bitrate_kbps(num_codebooks, lowband_layout)
-    )
+    with its nominal bitrate (`ModelCard.mode`)."""
+    return card.mode(num_codebooks, lowband_layout)
 
 
 def lowband_layouts(card: ModelCard) -> list[int]:
     """Low-band layouts `card` can send: 0 (none) and every layout within its `lowband_bins`."""
-    usable = (lid for lid, spec in sorted(LAYOUTS.items()) if spec.bins <= card.lowband_bins)
-    return [LOWBAND_LAYOUT_NONE, *usable]
+    return list(card.lowband_layouts)
 
 
 def _mode(obj: dict[str, Any], card: ModelCard, default: BitrateMode | None) -> BitrateMode:
@@ -298,19 +294,13 @@ def named_modes(card: ModelCard) -> dict[float, BitrateMode]:
     return out
 
 
-def nominal_kbps(mode: BitrateMode) -> float:
-    """The mode's nominal payload bitrate as replies report it: `mode.kbps` rounded to 4
-    decimals (0.1 bit/s; the sum of float terms is not exact, e.g. 3.6760000000000006)."""
-    return round(mode.kbps, 4)
-
-
 def mode_fields(mode: BitrateMode) -> dict[str, Any]:
     """How replies report a mode: `num_codebooks`, `lowband_layout`, `bitrate_kbps` (the
-    mode's nominal payload bitrate, kbps: `nominal_kbps`)."""
+    mode's nominal payload bitrate, kbps: `ModelCard.bitrate_kbps`)."""
     return {
         "num_codebooks": mode.num_codebooks,
         "lowband_layout": mode.lowband_layout,
-        "bitrate_kbps": nominal_kbps(mode),
+        "bitrate_kbps": mode.kbps,
     }
 
 

@@ -243,12 +243,14 @@ def layout(layout_id: int) -> LowbandLayout:
 
 
 def quantize(shape: npt.NDArray[np.float32], spec: LowbandLayout,
-             out: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+             out: npt.NDArray[np.int64],
+             scratch: npt.NDArray[np.float32] | None = None) -> npt.NDArray[np.int64]:
     """Indices of the low band: `shape` float32 [..., >= bins] -> `out` int64 [..., bins].
 
-    index = clip(rint(shape / step), -M, M) (round half to even).
+    index = clip(rint(shape / step), -M, M) (round half to even).  `scratch`: a float32
+    array of `out`'s shape to work in (none allocated then: the engine's per-frame path).
     """
-    scaled = shape[..., : spec.bins] * np.float32(1.0 / spec.step)
+    scaled = np.multiply(shape[..., : spec.bins], np.float32(1.0 / spec.step), out=scratch)
     np.rint(scaled, out=scaled)
     np.clip(scaled, -spec.max_index, spec.max_index, out=scaled)
     out[...] = scaled

@@ -31,6 +31,7 @@ import numpy.typing as npt
 import onnxruntime as ort
 
 from streaming.lowband import LAYOUTS, LOWBAND_LAYOUT_NONE, MAX_LOWBAND_BINS
+from streaming.protocol import frame_bits
 
 __all__ = [
     "CARD_FORMAT",
@@ -219,7 +220,19 @@ class ModelCard:
     def frame_bits(self, num_codebooks: int) -> int:
         """Payload bits of one frame without low band: 4 (count) + gain bits + 1 (layout
         field) + `num_codebooks` * code bits (21 bits = 1.05 kbps for one codebook)."""
-        return 4 + self.gain.bits + 1 + num_codebooks * self.code_bits
+        return frame_bits(num_codebooks, code_bits=self.code_bits, gain_bits=self.gain.bits)
+
+    @property
+    def lowband_layouts(self) -> tuple[int, ...]:
+        """Low-band layouts this model can send: 0 (none), then every layout whose bins fit
+        in `lowband_bins`, ascending."""
+        usable = (lid for lid, spec in sorted(LAYOUTS.items()) if spec.bins <= self.lowband_bins)
+        return (LOWBAND_LAYOUT_NONE, *usable)
+
+    def mode(self, num_codebooks: int, lowband_layout: int = LOWBAND_LAYOUT_NONE) -> BitrateMode:
+        """The mode of an explicit codebook count and layout, with its nominal bitrate."""
+        return BitrateMode(num_codebooks, lowband_layout,
+                           self.bitrate_kbps(num_codebooks, lowband_layout))
 
     def bitrate_kbps(self, num_codebooks: int, lowband_layout: int = LOWBAND_LAYOUT_NONE) -> float:
         """Nominal payload bitrate in kbps of `num_codebooks` codebooks per frame, and of a
@@ -245,15 +258,13 @@ class ModelCard:
         On the default card: 1 kbps -> 1 codebook; 3 kbps -> 2 codebooks + layout 1;
         6 kbps -> 3 codebooks + layout 2; 7 kbps -> 5 codebooks + layout 2.
         """
-        layouts = [lid for lid in sorted(LAYOUTS, reverse=True)
-                   if LAYOUTS[lid].bins <= self.lowband_bins]
-        for layout_id in [*layouts, LOWBAND_LAYOUT_NONE]:
+        finest_first = (*reversed(self.lowband_layouts[1:]), LOWBAND_LAYOUT_NONE)
+        for layout_id in finest_first:
             low = LAYOUTS[layout_id].mode_codebooks if layout_id else 1
             fits = [n for n in range(low, self.num_codebooks + 1)
                     if self._fits(self.bitrate_kbps(n, layout_id), kbps)]
             if fits:
-                n = max(fits)
-                return BitrateMode(n, layout_id, self.bitrate_kbps(n, layout_id))
+                return self.mode(max(fits), layout_id)
         raise ValueError(f"{kbps} kbps is below the lowest bitrate {self.bitrate_kbps(1)} kbps")
 
     def codebooks_for_bitrate(self, kbps: float) -> int:
@@ -818,8 +829,7 @@ class CodecModel:
         buffers are built to fit, like the streams and the batch engine); wrong arrays then
         corrupt memory.
         """
-        inputs: list[npt.NDArray[Any]] = [pcm, *states_in]
-        outputs: list[npt.NDArray[Any]] = [codes, gain_index, lowband, *states_out]
+        inputs, outputs = _encoder_io(pcm, states_in, codes, gain_index, lowband, states_out)
         if check:
             _check_step("encoder_step", self._encoder, inputs, outputs)
         self._encoder.run(inputs, outputs)
@@ -850,10 +860,9 @@ class CodecModel:
 
         `check`: as for `encoder_step`.
         """
-        inputs: list[npt.NDArray[Any]] = [
-            codes, num_codebooks, gain_index, lowband, lowband_mask, *states_in
-        ]
-        outputs: list[npt.NDArray[Any]] = [pcm, *states_out]
+        inputs, outputs = _decoder_io(
+            codes, num_codebooks, gain_index, lowband, lowband_mask, states_in, pcm, states_out
+        )
         if check:
             _check_step("decoder_step", self._decoder, inputs, outputs)
         self._decoder.run(inputs, outputs)
@@ -868,8 +877,7 @@ class CodecModel:
         states_out: Sequence[F32],
     ) -> PreparedStep:
         """`encoder_step` on these arrays, checked and bound once: `.run()` repeats it."""
-        inputs: list[npt.NDArray[Any]] = [pcm, *states_in]
-        outputs: list[npt.NDArray[Any]] = [codes, gain_index, lowband, *states_out]
+        inputs, outputs = _encoder_io(pcm, states_in, codes, gain_index, lowband, states_out)
         _check_step("encoder step", self._encoder, inputs, outputs)
         return PreparedStep(self._encoder, inputs, outputs)
 
@@ -885,15 +893,30 @@ class CodecModel:
         states_out: Sequence[F32],
     ) -> PreparedStep:
         """`decoder_step` on these arrays, checked and bound once: `.run()` repeats it."""
-        inputs: list[npt.NDArray[Any]] = [
-            codes, num_codebooks, gain_index, lowband, lowband_mask, *states_in
-        ]
-        outputs: list[npt.NDArray[Any]] = [pcm, *states_out]
+        inputs, outputs = _decoder_io(
+            codes, num_codebooks, gain_index, lowband, lowband_mask, states_in, pcm, states_out
+        )
         _check_step("decoder step", self._decoder, inputs, outputs)
         return PreparedStep(self._decoder, inputs, outputs)
 
     def __repr__(self) -> str:
         return f"CodecModel({self.card.model_id!r}, path={str(self.path)!r})"
+
+
+_Arrays: TypeAlias = list[npt.NDArray[Any]]
+
+
+def _encoder_io(pcm: F32, states_in: Sequence[F32], codes: I64, gain_index: I64, lowband: F32,
+                states_out: Sequence[F32]) -> tuple[_Arrays, _Arrays]:
+    """The encoder step's arrays in graph order (see `_encoder_tensors`)."""
+    return [pcm, *states_in], [codes, gain_index, lowband, *states_out]
+
+
+def _decoder_io(codes: I64, num_codebooks: I64, gain_index: I64, lowband: F32,
+                lowband_mask: F32, states_in: Sequence[F32], pcm: F32,
+                states_out: Sequence[F32]) -> tuple[_Arrays, _Arrays]:
+    """The decoder step's arrays in graph order (see `_decoder_tensors`)."""
+    return [codes, num_codebooks, gain_index, lowband, lowband_mask, *states_in], [pcm, *states_out]
 
 
 def _encoder_tensors(card: ModelCard) -> tuple[list[_Tensor], list[_Tensor]]:

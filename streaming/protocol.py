@@ -739,6 +739,15 @@ def unpack_frame_stream(
     Also raises `truncated` and `bad_field` (count 0 or > `max_codebooks`).
     Returns arrays with Q = `max_codebooks` code columns.
     """
+    frames = _unpack_frames(data, code_bits, gain_bits, max_codebooks, count, offset)
+    return FrameArrays.from_frames(frames, max_codebooks)
+
+
+def _unpack_frames(
+    data: Buffer, code_bits: int, gain_bits: int, max_codebooks: int, count: int | None,
+    offset: int,
+) -> list[TokenFrame]:
+    """`unpack_frame_stream`'s frames as `TokenFrame`s (no arrays built)."""
     _check_params(code_bits, gain_bits, max_codebooks)
     view = memoryview(data).cast("B")[offset:]
     reader = BitReader(view)
@@ -769,7 +778,7 @@ def unpack_frame_stream(
             "non-zero padding bits after the last frame",
             offset=offset + len(view) - 1,
         )
-    return FrameArrays.from_frames(frames, max_codebooks)
+    return frames
 
 
 # --------------------------------------------------------------------------------------------
@@ -1292,28 +1301,24 @@ def read_bitstream_arrays(
     streamed file cut inside a frame), `bad_field` (a frame count 0 or > Q), `trailing_data`,
     `corrupt` (non-zero final padding).  The payload has no checksum of its own.
     """
-    if max_bytes is not None and len(data) > max_bytes:
-        raise ProtocolError(
-            ErrorCode.OVERSIZED, f"file of {len(data)} bytes exceeds the limit of {max_bytes}"
-        )
-    header, offset = decode_file_header(data)
-    arrays = unpack_frame_stream(
-        data,
-        code_bits=header.code_bits,
-        gain_bits=header.gain_bits,
-        max_codebooks=header.num_codebooks,
-        count=header.num_frames,
-        offset=offset,
-    )
-    return header, arrays
+    header, frames = read_bitstream(data, max_bytes=max_bytes)
+    return header, FrameArrays.from_frames(frames, header.num_codebooks)
 
 
 def read_bitstream(
     data: Buffer, *, max_bytes: int | None = None
 ) -> tuple[BitstreamHeader, list[TokenFrame]]:
-    """Parse a whole bitstream file into its header and frames (see `read_bitstream_arrays`)."""
-    header, arrays = read_bitstream_arrays(data, max_bytes=max_bytes)
-    return header, arrays.frames()
+    """Parse a whole bitstream file into its header and frames (errors: see
+    `read_bitstream_arrays`)."""
+    if max_bytes is not None and len(data) > max_bytes:
+        raise ProtocolError(
+            ErrorCode.OVERSIZED, f"file of {len(data)} bytes exceeds the limit of {max_bytes}"
+        )
+    header, offset = decode_file_header(data)
+    frames = _unpack_frames(
+        data, header.code_bits, header.gain_bits, header.num_codebooks, header.num_frames, offset
+    )
+    return header, frames
 
 
 # --------------------------------------------------------------------------------------------

@@ -162,6 +162,7 @@ class EncoderStream:
         self._gain: I64 = np.zeros(1, dtype=np.int64)
         self._lowband: F32 = np.zeros((1, card.lowband_bins), dtype=np.float32)
         self._indices: I64 = np.zeros(card.lowband_bins, dtype=np.int64)
+        self._scaled: F32 = np.zeros(card.lowband_bins, dtype=np.float32)  # quantiser scratch
         self._steps: tuple[PreparedStep, PreparedStep] | None = None  # built on first step()
         self._ready = _TimeQueue(self.framer.ring.capacity // card.frame_size + 1)
         self._algorithmic_ms = card.frame_ms + self.framer.delay_ms
@@ -190,10 +191,8 @@ class EncoderStream:
         return n
 
     def _valid_layout(self, layout_id: int) -> int:
-        if layout_id != LOWBAND_LAYOUT_NONE and (
-            layout_id not in LAYOUTS or LAYOUTS[layout_id].bins > self.card.lowband_bins
-        ):
-            raise ValueError(f"lowband_layout must be 0 or one of {sorted(LAYOUTS)}, "
+        if layout_id not in self.card.lowband_layouts:
+            raise ValueError(f"lowband_layout must be one of {self.card.lowband_layouts}, "
                              f"got {layout_id!r}")
         return layout_id
 
@@ -250,7 +249,7 @@ class EncoderStream:
     def nbytes(self) -> int:
         """Bytes this stream allocated (state buffers, framer, I/O arrays, queues)."""
         io = self._pcm.nbytes + self._codes.nbytes + self._gain.nbytes
-        io += self._lowband.nbytes + self._indices.nbytes
+        io += self._lowband.nbytes + self._indices.nbytes + self._scaled.nbytes
         return int(self.state.nbytes + self.framer.nbytes + io + self._ready.nbytes)
 
     # ---- streaming ------------------------------------------------------------------------
@@ -352,7 +351,8 @@ class EncoderStream:
             frame = TokenFrame(n, gain_index, tuple(codes[:n].tolist()))  # quiet: no low band
         else:
             spec = LAYOUTS[layout_id]
-            indices = quantize(lowband, spec, self._indices[: spec.bins])
+            indices = quantize(lowband, spec, self._indices[: spec.bins],
+                               self._scaled[: spec.bins])
             frame = TokenFrame(n, gain_index, tuple(codes[:n].tolist()), layout_id,
                                tuple(indices.tolist()))
         record = FrameLatency(self.frames_encoded, ready, start, end, batch, self._algorithmic_ms)
