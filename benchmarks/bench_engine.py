@@ -43,7 +43,7 @@ import onnxruntime as ort  # noqa: E402
 
 from streaming.batch import BatchEngine  # noqa: E402
 from streaming.framing import Resampler  # noqa: E402
-from streaming.model import CodecModel  # noqa: E402
+from streaming.model import BitrateMode, CodecModel  # noqa: E402
 from streaming.stream import DecoderStream, EncoderStream  # noqa: E402
 
 SECTION_BEGIN = "<!-- bench_engine:begin -->"
@@ -65,10 +65,11 @@ def pct(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q)) if values else math.nan
 
 
-def per_frame(model: CodecModel, frames: int) -> dict[str, Any]:
-    """Encoder / decoder step time of one stream alone, ms per frame."""
+def per_frame(model: CodecModel, frames: int, kbps: float) -> dict[str, Any]:
+    """Encoder / decoder step time of one stream alone at the `kbps` mode, ms per frame."""
     card = model.card
     enc, dec = EncoderStream(model, max_buffered_ms=frames * card.frame_ms + 100), None
+    enc.set_bitrate(kbps)
     enc.push(speech(card.sample_rate, frames * card.frame_ms / 1000 + 0.1))
     dec = DecoderStream(model, max_pending_frames=4, max_buffered_ms=200)
     enc_ms: list[float] = []
@@ -123,12 +124,16 @@ def resampling(model: CodecModel, frames: int) -> dict[str, Any]:
     }
 
 
-def duplex_ticks(model: CodecModel, batch: int, ticks: int, batched: bool) -> dict[str, Any]:
-    """Time of `ticks` duplex ticks of `batch` streams (PCM in -> tokens -> PCM out), ms."""
+def duplex_ticks(model: CodecModel, batch: int, ticks: int, batched: bool,
+                 kbps: float) -> dict[str, Any]:
+    """Time of `ticks` duplex ticks of `batch` streams (PCM in -> tokens -> PCM out) at the
+    `kbps` mode (codebooks and low band), ms."""
     card = model.card
     n = card.frame_size
     audio = speech(card.sample_rate, (ticks + 2) * card.frame_ms / 1000, seed=batch)
     encs = [EncoderStream(model, max_buffered_ms=200) for _ in range(batch)]
+    for enc in encs:
+        enc.set_bitrate(kbps)
     decs = [DecoderStream(model, max_pending_frames=4, max_buffered_ms=200) for _ in range(batch)]
     engine = BatchEngine(model, capacity=batch)
     tick_ms: list[float] = []
@@ -172,17 +177,18 @@ def duplex_ticks(model: CodecModel, batch: int, ticks: int, batched: bool) -> di
     }
 
 
-def _machine_worker(model_dir: str | None, batch: int, ticks: int, start: Any, queue: Any) -> None:
+def _machine_worker(model_dir: str | None, batch: int, ticks: int, kbps: float, start: Any,
+                    queue: Any) -> None:
     """One engine process of the machine measurement: waits for the common start, then runs
     batched duplex ticks and reports its row."""
     model = CodecModel.load(Path(model_dir) if model_dir else None, threads=1)
-    duplex_ticks(model, batch, 3, batched=True)  # warm-up outside the measured window
+    duplex_ticks(model, batch, 3, True, kbps)  # warm-up outside the measured window
     start.wait()
-    queue.put(duplex_ticks(model, batch, ticks, batched=True))
+    queue.put(duplex_ticks(model, batch, ticks, True, kbps))
 
 
 def machine_capacity(model_dir: Path | None, per_process: list[int], ticks: int,
-                     frame_ms: float) -> dict[str, Any]:
+                     frame_ms: float, kbps: float) -> dict[str, Any]:
     """Concurrent real-time duplex streams of the whole machine: for each B in `per_process`,
     one process per core runs B batched streams at once; sustained while every process's
     p99 tick fits in a frame period."""
@@ -194,8 +200,8 @@ def machine_capacity(model_dir: Path | None, per_process: list[int], ticks: int,
     for batch in per_process:
         start, queue = ctx.Barrier(processes_n), ctx.Queue()
         procs = [ctx.Process(target=_machine_worker,
-                             args=(str(model_dir) if model_dir else None, batch, ticks, start,
-                                   queue))
+                             args=(str(model_dir) if model_dir else None, batch, ticks, kbps,
+                                   start, queue))
                  for _ in range(processes_n)]
         for proc in procs:
             proc.start()
@@ -265,6 +271,16 @@ def plot(result: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def _mode_text(mode: dict[str, Any] | None) -> str:
+    if mode is None:
+        return ""
+    low = (f" + low-band layout {mode['lowband_layout']}" if mode["lowband_layout"] else
+           ", no low band")
+    return (f"Streams encode at the {mode['kbps']:g} kbps mode ({mode['num_codebooks']} "
+            f"codebook{'s' if mode['num_codebooks'] != 1 else ''}{low}); the encoder graph runs "
+            "only the quantizer stages a batch needs.")
+
+
 def markdown(result: dict[str, Any]) -> str:
     m, pf, mem = result["model"], result["per_frame"], result["memory"]
     rs = result["resampling"]
@@ -276,7 +292,8 @@ def markdown(result: dict[str, Any]) -> str:
         "`python benchmarks/bench_engine.py` (JSON: `benchmarks/results/engine.json`). "
         f"Model `{m['model_id']}`, one onnxruntime thread, {result['machine']['cpus']} CPU "
         f"cores ({result['machine']['processor']}), onnxruntime {result['machine']['onnxruntime']}"
-        f", {result['date']}{', --quick' if result['quick'] else ''}.",
+        f", {result['date']}{', --quick' if result['quick'] else ''}. "
+        + _mode_text(result.get("mode")),
         "",
     ]
     if m["random_weights"]:
@@ -363,6 +380,11 @@ def write_section(path: Path, section: str) -> None:
     path.write_text(text, encoding="utf-8")
 
 
+def _mode_fields(mode: BitrateMode) -> dict[str, Any]:
+    return {"num_codebooks": mode.num_codebooks, "lowband_layout": mode.lowband_layout,
+            "nominal_kbps": mode.kbps}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller sweep, a few seconds")
@@ -371,6 +393,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plot", type=Path, default=ROOT / "docs/img/engine_batching.png")
     parser.add_argument("--doc", type=Path, default=ROOT / "docs/benchmarks.md")
     parser.add_argument("--no-doc", action="store_true", help="do not touch docs/benchmarks.md")
+    parser.add_argument("--kbps", type=float, default=6.0,
+                        help="bitrate mode of the encoder streams (default 6: the richest call "
+                             "mode, 3 codebooks + low band)")
     args = parser.parse_args(argv)
 
     started = time.perf_counter()
@@ -391,6 +416,7 @@ def main(argv: list[str] | None = None) -> int:
             "frame_ms": card.frame_ms,
             "num_codebooks": card.num_codebooks,
         },
+        "mode": {"kbps": args.kbps, **_mode_fields(card.mode_for_bitrate(args.kbps))},
         "machine": {
             "cpus": os.cpu_count(),
             "processor": platform.processor() or platform.machine(),
@@ -401,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
         },
     }
     print(f"model {card.model_id} (random weights: {card.random_weights})", flush=True)
-    result["per_frame"] = per_frame(model, frames)
+    result["per_frame"] = per_frame(model, frames, args.kbps)
     print("per frame:", json.dumps(result["per_frame"]), flush=True)
     result["resampling"] = resampling(model, frames)
 
@@ -418,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     result["duplex"] = {"unbatched": [], "batched": []}
     for b in sizes:
         for key, batched in (("unbatched", False), ("batched", True)):
-            row = duplex_ticks(model, b, ticks, batched)
+            row = duplex_ticks(model, b, ticks, batched, args.kbps)
             result["duplex"][key].append(row)
             print(
                 f"B={b:4d} {key:9s} tick p50 {row['tick_p50_ms']:7.2f} ms "
@@ -430,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     machine_sizes = [32, 50] if args.quick else [32, 40, 48, 50, 56, 64]
     result["machine_capacity"] = machine_capacity(args.model, machine_sizes,
-                                                  ticks, card.frame_ms)
+                                                  ticks, card.frame_ms, args.kbps)
     result["elapsed_s"] = time.perf_counter() - started
 
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -56,13 +56,14 @@ def encoder_lowbands(model: CodecModel, clips: list[np.ndarray]) -> np.ndarray:
     states = [np.zeros((batch, *s.shape), np.float32) for s in card.encoder.states]
     spare = [np.zeros_like(a) for a in states]
     codes = np.zeros((batch, card.num_codebooks), np.int64)
+    counts = np.ones(batch, np.int64)  # the low band does not depend on the codes
     gain = np.zeros(batch, np.int64)
     low = np.zeros((batch, card.lowband_bins), np.float32)
     quiet = int(np.ceil((SILENT_DB - card.gain.min_db) / card.gain.step_db))
     out = []
     for k in range(frames):
-        model.encoder_step(np.ascontiguousarray(pcm[:, k * n : (k + 1) * n]), states, codes,
-                           gain, low, spare)
+        model.encoder_step(np.ascontiguousarray(pcm[:, k * n : (k + 1) * n]), counts, states,
+                           codes, gain, low, spare)
         states, spare = spare, states
         keep = (gain > quiet) & np.array([k < len(c) // n for c in clips])
         out.append(low[keep].copy())

@@ -441,7 +441,8 @@ def macs_per_frame(config: CodecConfig) -> dict[str, int]:
     mdct = n * (n + lap)
     half = n // 2
     lags = int(config.sample_rate / 2 / 50) - int(config.sample_rate / 2 / 400) + 1
-    tracker = 2 * lags * half
+    # blocked correlation (half x (lags + half - BLOCK) MACs) + the windows' energies
+    tracker = half * (lags + half - PitchTracker.BLOCK) + lags * half
     vq = config.num_codebooks * config.codebook_size * d
     encoder = mdct + tracker + (2 * n + 2) * ch + config.encoder_blocks * block + ch * d + vq
     excitation = 10 * n + mdct

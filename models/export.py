@@ -1,6 +1,7 @@
 """ONNX export of the codec's streaming steps, with the model card (card.json + metadata).
 
-``encoder.onnx``: ``step(pcm, *in_state) -> (codes, gain_index, lowband, *out_state)``
+``encoder.onnx``: ``step(pcm, num_codebooks, *in_state) -> (codes, gain_index, lowband,
+*out_state)`` (quantizer stages no stream of the batch needs are skipped: models/gating.py)
 ``decoder.onnx``: ``step(codes, num_codebooks, gain_index, lowband, lowband_mask, *in_state)
 -> (pcm, *out_state)``
 See docs/model-interface.md for names, shapes and the card's fields.
@@ -21,9 +22,10 @@ import torch
 from torch import nn
 
 from models.codec import CausalCodec, CodecConfig, count_parameters, mflops_per_second
+from models.gating import gate_quantizer_stages
 
 CARD_FORMAT = "codecstream-model"
-CARD_VERSION = 2
+CARD_VERSION = 3
 METADATA_KEY = "codecstream.card"
 OPSET = 17
 
@@ -308,6 +310,7 @@ def export_model(out_dir: Path, checkpoint: Path | None = None, model_id: str | 
             quantize_linear_weights(out_dir / name, folded)
         if weights != "fp32":
             store_weights_as_fp16(out_dir / name)
+    gate_quantizer_stages(out_dir / "encoder.onnx", model.config.num_codebooks)
     digest = hashlib.sha256((out_dir / "decoder.onnx").read_bytes()).hexdigest()[:8]
     prefix = "cs-mdct-random" if random_weights else "cs-mdct"
     model_id = model_id or f"{prefix}-{meta.get('step', 0)}-{digest}"

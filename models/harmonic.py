@@ -30,6 +30,8 @@ class PitchTracker(torch.nn.Module):
     window [..., 2N] -> (log2 f0 [...], periodicity [...] in [0, 1]) ; f0 in Hz at ``rate``.
     """
 
+    BLOCK = 20  # samples per block of the blocked correlation (divides N/2)
+
     def __init__(self, frame_size: int, sample_rate: int):
         super().__init__()
         self.rate = sample_rate // 2
@@ -40,20 +42,37 @@ class PitchTracker(torch.nn.Module):
         self.register_buffer("lags", lags.float(), persistent=False)
         self.half = half
 
-    def _lagged_windows(self, low: torch.Tensor) -> torch.Tensor:
-        """low [..., L] -> [..., lags, N/2], row r holding low[half - lag + j], j < N/2, for
-        the lags in *descending* order (row r has lag max_lag - r).
+    def _lagged_dot(self, low: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
+        """Correlation of the current half-frame with each lagged window, descending lags.
 
-        Built with tile + reshape (row i of a (L+1)-wide reshape of L-periodic data starts
-        i samples later), which onnxruntime runs far faster than an element-wise Gather.
+        low [..., L] at 8 kHz, current [..., N/2] (its last N/2 samples) -> [..., lags], entry
+        r = sum_j low[start + r + j] * current[j] (lag max_lag - r), start = N/2 - max_lag.
+
+        Blocked so the graph moves few bytes: with j = K c + d (K = BLOCK),
+        P[c, m] = sum_d current[K c + d] * low[start + m + d] is one small MatMul against
+        G[d, m] = low[start + d + m] (d < K), and entry r = sum_c P[c, K c + r]. G and the
+        diagonal sum are built with tile / pad + reshape (a row of width W + 1 over W-periodic
+        data starts one sample later), which onnxruntime runs far faster than a Gather.
         """
-        length = 2 * self.half  # samples at 8 kHz (static: no shape ops in the graph)
+        half, block = self.half, self.BLOCK
         rows = self.lags.shape[0]
-        tiled = low.repeat(*([1] * (low.dim() - 1)), rows + 1)
-        width = rows * (length + 1)
-        shifted = tiled[..., :width].reshape(*low.shape[:-1], rows, length + 1)
-        start = self.half - self.max_lag  # row i starts at sample start + i
-        return shifted[..., start : start + self.half]
+        span = rows - 1 + half  # samples any lagged window touches
+        start = half - self.max_lag
+        seq = low[..., start : start + span]
+        lead = seq.shape[:-1]
+        width = span - block + 1  # columns of G
+        tiled = seq.repeat(*([1] * (seq.dim() - 1)), block + 1)[..., : block * (span + 1)]
+        windows = tiled.reshape(*lead, block, span + 1)[..., :width]  # G [..., K, width]
+        blocks = half // block
+        partial = (current.reshape(*lead, blocks, block) @ windows).flatten(-2)  # P, flat
+        partial = torch.nn.functional.pad(partial, (0, blocks * block))
+        diagonals = partial.reshape(*lead, blocks, width + block)[..., :rows].unbind(-2)
+        # element-wise adds, not ReduceSum: onnxruntime picks a reduction order by shape,
+        # which would make batched and unbatched runs differ in the last bit
+        total = diagonals[0]
+        for diagonal in diagonals[1:]:
+            total = total + diagonal
+        return total
 
     def _lagged_energy(self, low: torch.Tensor) -> torch.Tensor:
         """Energy of each lagged window, low [..., L] -> [..., lags] (ascending lags).
@@ -71,8 +90,7 @@ class PitchTracker(torch.nn.Module):
     def forward(self, window: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         low = 0.5 * (window[..., 0::2] + window[..., 1::2])  # [..., N] at 8 kHz
         current = low[..., -self.half :]  # [..., N/2]
-        lagged = self._lagged_windows(low)  # [..., lags (descending), N/2]
-        dot = (lagged @ current[..., :, None])[..., 0].flip(-1)  # ascending lags
+        dot = self._lagged_dot(low, current).flip(-1)  # ascending lags
         energy = self._lagged_energy(low) * current.pow(2).sum(-1, keepdim=True)
         nccf = dot * torch.rsqrt(energy + 1e-9)
         # a slight preference for short lags avoids picking the pitch's sub-multiples

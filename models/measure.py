@@ -31,14 +31,17 @@ class OnnxCodec:
                 for i in session.get_inputs() if i.name.startswith("in_")}
 
     def encode(self, pcm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """PCM [B, T*N] -> codes [B, T, Q], gain index [B, T], frame by frame (the low band
-        of the shape, [B, T, K], is kept in ``self.lowband``)."""
+        """PCM [B, T*N] -> codes [B, T, Q] (all Q stages), gain index [B, T], frame by frame
+        (the low band of the shape, [B, T, K], is kept in ``self.lowband``)."""
         frame = self.encoder.get_inputs()[0].shape[1]
         states = self._zero_states(self.encoder, pcm.shape[0])
+        stages = self.encoder.get_outputs()[0].shape[-1]
+        counts = np.full(pcm.shape[0], stages, dtype=np.int64)
         names = [o.name for o in self.encoder.get_outputs()]
         codes, gains, lowband = [], [], []
         for k in range(pcm.shape[1] // frame):
-            feeds = {"pcm": pcm[:, k * frame:(k + 1) * frame].astype(np.float32), **states}
+            feeds = {"pcm": pcm[:, k * frame:(k + 1) * frame].astype(np.float32),
+                     "num_codebooks": counts, **states}
             out = dict(zip(names, self.encoder.run(names, feeds), strict=True))
             codes.append(out["codes"])
             gains.append(out["gain_index"])

@@ -83,6 +83,7 @@ class _EncoderBuffers:
     def __init__(self, card: ModelCard, capacity: int) -> None:
         self.capacity = capacity
         self.pcm: F32 = np.zeros((capacity, card.frame_size), dtype=np.float32)
+        self.counts: I64 = np.ones(capacity, dtype=np.int64)
         self.states_in = _PackedStates(card.encoder.states, capacity)
         self.states_out = _PackedStates(card.encoder.states, capacity)
         self.codes: I64 = np.zeros((capacity, card.num_codebooks), dtype=np.int64)
@@ -97,6 +98,7 @@ class _EncoderBuffers:
         if step is None:
             step = self._steps[batch] = model.prepare_encoder_step(
                 self.pcm[:batch],
+                self.counts[:batch],
                 [a[:batch] for a in self.states_in.tensors],
                 self.codes[:batch],
                 self.gain[:batch],
@@ -109,6 +111,7 @@ class _EncoderBuffers:
     def nbytes(self) -> int:
         arrays: list[npt.NDArray[Any]] = [
             self.pcm,
+            self.counts,
             self.codes,
             self.gain,
             self.lowband,
@@ -247,6 +250,7 @@ class BatchEngine:
         for row, i in enumerate(due):
             stream = streams[i]
             buf.ready[row] = stream._take_frame(buf.pcm[row])
+            buf.counts[row] = stream.num_codebooks
             stream.state.gather_into(buf.states_in.packed, row)
         buf.states_in.unpack(b)
         buf.step(self.model, b).run()

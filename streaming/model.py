@@ -56,7 +56,7 @@ I64: TypeAlias = npt.NDArray[np.int64]
 CARD_FORMAT: Final = "codecstream-model"
 """Value of the card's "format" field."""
 
-CARD_FORMAT_VERSION: Final = 2
+CARD_FORMAT_VERSION: Final = 3
 """The card format version this module reads."""
 
 CARD_METADATA_KEY: Final = "codecstream.card"
@@ -807,6 +807,7 @@ class CodecModel:
     def encoder_step(
         self,
         pcm: F32,
+        num_codebooks: I64,
         states_in: Sequence[F32],
         codes: I64,
         gain_index: I64,
@@ -818,9 +819,13 @@ class CodecModel:
         """One encoder step for B streams, in place.
 
         * `pcm`: float32 [B, N], the next N model-rate samples of each stream, in [-1, 1].
+        * `num_codebooks`: int64 [B], each 1..Q: the codebooks each stream will read.  The
+          graph skips the quantizer stages no stream of the batch needs (their codes are
+          written as 0); a stream's first codes do not depend on what the others ask for.
         * `states_in`, `states_out`: float32 [B, *shape] per `card.encoder.states`, in order;
           outputs must not overlap inputs (use two buffers and swap).
-        * `codes`: int64 [B, Q], written: all Q RVQ indices.
+        * `codes`: int64 [B, Q], written: the RVQ indices (at least the first `num_codebooks`
+          of each stream are real).
         * `gain_index`: int64 [B], written.
         * `lowband`: float32 [B, K], written: the first K = `card.lowband_bins` MDCT bins
           divided by the frame's quantised gain (what a low-band layout quantises).
@@ -829,7 +834,8 @@ class CodecModel:
         buffers are built to fit, like the streams and the batch engine); wrong arrays then
         corrupt memory.
         """
-        inputs, outputs = _encoder_io(pcm, states_in, codes, gain_index, lowband, states_out)
+        inputs, outputs = _encoder_io(pcm, num_codebooks, states_in, codes, gain_index, lowband,
+                                      states_out)
         if check:
             _check_step("encoder_step", self._encoder, inputs, outputs)
         self._encoder.run(inputs, outputs)
@@ -870,6 +876,7 @@ class CodecModel:
     def prepare_encoder_step(
         self,
         pcm: F32,
+        num_codebooks: I64,
         states_in: Sequence[F32],
         codes: I64,
         gain_index: I64,
@@ -877,7 +884,8 @@ class CodecModel:
         states_out: Sequence[F32],
     ) -> PreparedStep:
         """`encoder_step` on these arrays, checked and bound once: `.run()` repeats it."""
-        inputs, outputs = _encoder_io(pcm, states_in, codes, gain_index, lowband, states_out)
+        inputs, outputs = _encoder_io(pcm, num_codebooks, states_in, codes, gain_index, lowband,
+                                      states_out)
         _check_step("encoder step", self._encoder, inputs, outputs)
         return PreparedStep(self._encoder, inputs, outputs)
 
@@ -906,10 +914,11 @@ class CodecModel:
 _Arrays: TypeAlias = list[npt.NDArray[Any]]
 
 
-def _encoder_io(pcm: F32, states_in: Sequence[F32], codes: I64, gain_index: I64, lowband: F32,
+def _encoder_io(pcm: F32, num_codebooks: I64, states_in: Sequence[F32], codes: I64,
+                gain_index: I64, lowband: F32,
                 states_out: Sequence[F32]) -> tuple[_Arrays, _Arrays]:
     """The encoder step's arrays in graph order (see `_encoder_tensors`)."""
-    return [pcm, *states_in], [codes, gain_index, lowband, *states_out]
+    return [pcm, num_codebooks, *states_in], [codes, gain_index, lowband, *states_out]
 
 
 def _decoder_io(codes: I64, num_codebooks: I64, gain_index: I64, lowband: F32,
@@ -921,7 +930,8 @@ def _decoder_io(codes: I64, num_codebooks: I64, gain_index: I64, lowband: F32,
 
 def _encoder_tensors(card: ModelCard) -> tuple[list[_Tensor], list[_Tensor]]:
     states = card.encoder.states
-    inputs = [_Tensor("pcm", _ORT_FLOAT, (card.frame_size,))]
+    inputs = [_Tensor("pcm", _ORT_FLOAT, (card.frame_size,)),
+              _Tensor("num_codebooks", _ORT_INT64, ())]
     inputs += [_Tensor(s.input_name, _ORT_FLOAT, s.shape) for s in states]
     outputs = [
         _Tensor("codes", _ORT_INT64, (card.num_codebooks,)),

@@ -388,6 +388,29 @@ class TokenFrame:
             raise ValueError(f"a lowband index is outside [-{spec.max_index}, {spec.max_index}]")
 
     @classmethod
+    def trusted(
+        cls,
+        num_codebooks: int,
+        gain_index: int,
+        codes: tuple[int, ...],
+        lowband_layout: int = LOWBAND_LAYOUT_NONE,
+        lowband: tuple[int, ...] = (),
+    ) -> TokenFrame:
+        """A frame built without the constructor's checks, for the encoder's own output.
+
+        The caller guarantees what `__post_init__` would check: tuples of Python ints,
+        `len(codes) == num_codebooks` in 1..15, non-negative values and a low band that fits
+        its layout (the engine's argmin codes and clipped indices do).  About 7x cheaper
+        than the checked constructor, which matters at 50 frames/s times hundreds of streams.
+        """
+        frame = object.__new__(cls)
+        for name, value in (("num_codebooks", num_codebooks), ("gain_index", gain_index),
+                            ("codes", codes), ("lowband_layout", lowband_layout),
+                            ("lowband", lowband)):
+            object.__setattr__(frame, name, value)
+        return frame
+
+    @classmethod
     def from_codes(
         cls,
         codes: Sequence[int] | npt.NDArray[np.integer],

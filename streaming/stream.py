@@ -158,6 +158,7 @@ class EncoderStream:
         self.lowband_layout = self._initial_layout
         """Low-band layout of the frames encoded from now on (0: none)."""
         self._pcm: F32 = np.zeros((1, card.frame_size), dtype=np.float32)
+        self._count: I64 = np.ones(1, dtype=np.int64)
         self._codes: I64 = np.zeros((1, card.num_codebooks), dtype=np.int64)
         self._gain: I64 = np.zeros(1, dtype=np.int64)
         self._lowband: F32 = np.zeros((1, card.lowband_bins), dtype=np.float32)
@@ -248,7 +249,7 @@ class EncoderStream:
     @property
     def nbytes(self) -> int:
         """Bytes this stream allocated (state buffers, framer, I/O arrays, queues)."""
-        io = self._pcm.nbytes + self._codes.nbytes + self._gain.nbytes
+        io = self._pcm.nbytes + self._count.nbytes + self._codes.nbytes + self._gain.nbytes
         io += self._lowband.nbytes + self._indices.nbytes + self._scaled.nbytes
         return int(self.state.nbytes + self.framer.nbytes + io + self._ready.nbytes)
 
@@ -279,10 +280,11 @@ class EncoderStream:
         """The unbatched step from the current state buffer set into the other one (two
         bindings, built once: state in A -> out B, and B -> A)."""
         if self._steps is None:
-            pcm, codes, gain, low = self._pcm, self._codes, self._gain, self._lowband
+            pcm, count, codes = self._pcm, self._count, self._codes
+            gain, low = self._gain, self._lowband
             self._steps = _both_ways(
                 self.state,
-                lambda i, o: self.model.prepare_encoder_step(pcm, i, codes, gain, low, o),
+                lambda i, o: self.model.prepare_encoder_step(pcm, count, i, codes, gain, low, o),
             )
         return self._steps[self.state.parity]
 
@@ -291,6 +293,7 @@ class EncoderStream:
         if self.framer.frames_ready == 0:
             return None
         ready = self._take_frame(self._pcm[0])
+        self._count[0] = self.num_codebooks
         start = self.clock()
         self._prepared_step().run()
         self.state.swap()
@@ -348,13 +351,14 @@ class EncoderStream:
         gain = self.card.gain
         level_db = gain.min_db + gain.step_db * gain_index
         if layout_id == LOWBAND_LAYOUT_NONE or level_db < LAYOUTS[layout_id].min_level_db:
-            frame = TokenFrame(n, gain_index, tuple(codes[:n].tolist()))  # quiet: no low band
+            # quiet: no low band
+            frame = TokenFrame.trusted(n, gain_index, tuple(codes[:n].tolist()))
         else:
             spec = LAYOUTS[layout_id]
             indices = quantize(lowband, spec, self._indices[: spec.bins],
                                self._scaled[: spec.bins])
-            frame = TokenFrame(n, gain_index, tuple(codes[:n].tolist()), layout_id,
-                               tuple(indices.tolist()))
+            frame = TokenFrame.trusted(n, gain_index, tuple(codes[:n].tolist()), layout_id,
+                                       tuple(indices.tolist()))
         record = FrameLatency(self.frames_encoded, ready, start, end, batch, self._algorithmic_ms)
         self.last_latency = record
         if self.stats is not None:

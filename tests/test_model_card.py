@@ -105,7 +105,7 @@ def mutated(path: str, value: object) -> dict[str, Any]:
     ("path", "value", "message"),
     [
         ("format", "other-format", "format is 'other-format', expected 'codecstream-model'"),
-        ("format_version", 1, "format_version is 1, this engine reads 2"),
+        ("format_version", 2, "format_version is 2, this engine reads 3"),
         ("frame_size", ..., "required field 'frame_size' is missing"),
         ("frame_size", "320", "frame_size must be an integer, got '320'"),
         ("sample_rate", True, "sample_rate must be an integer, got True"),
@@ -213,18 +213,19 @@ def test_graph_swapped_for_the_other_one(tmp_path: Path) -> None:
 def test_steps_check_their_arrays(model: CodecModel) -> None:
     card = model.card
     state = model.new_encoder_state()
+    count = np.full(1, card.num_codebooks, np.int64)
     codes = np.zeros((1, card.num_codebooks), np.int64)
     gain = np.zeros(1, np.int64)
     low = np.zeros((1, card.lowband_bins), np.float32)
     pcm = np.zeros((1, card.frame_size), np.float64)
     with pytest.raises(ValueError, match="'pcm' must be a C-contiguous float32"):
-        model.encoder_step(pcm, state.arrays, codes, gain, low, state.spare)  # type: ignore[arg-type]
+        model.encoder_step(pcm, count, state.arrays, codes, gain, low, state.spare)  # type: ignore[arg-type]
     pcm32 = np.zeros((1, card.frame_size), np.float32)
     with pytest.raises(ValueError, match="overlaps"):
-        model.encoder_step(pcm32, state.arrays, codes, gain, low, state.arrays)
+        model.encoder_step(pcm32, count, state.arrays, codes, gain, low, state.arrays)
     with pytest.raises(ValueError, match="lowband"):
-        model.encoder_step(pcm32, state.arrays, codes, gain, low[:, :8].copy(), state.spare)
-    model.encoder_step(pcm32, state.arrays, codes, gain, low, state.spare)
+        model.encoder_step(pcm32, count, state.arrays, codes, gain, low[:, :8].copy(), state.spare)
+    model.encoder_step(pcm32, count, state.arrays, codes, gain, low, state.spare)
     assert ((codes >= 0) & (codes < card.codebook_size)).all()
     with pytest.raises(ValueError, match="threads"):
         CodecModel.load(threads=0)
@@ -244,10 +245,12 @@ def test_in_place_steps_equal_a_plain_onnxruntime_run(model: CodecModel) -> None
     codes = np.zeros((batch, card.num_codebooks), np.int64)
     gain = np.zeros(batch, np.int64)
     low = np.zeros((batch, card.lowband_bins), np.float32)
-    model.encoder_step(pcm, enc_in, codes, gain, low, enc_out)
+    wanted = np.full(batch, card.num_codebooks, np.int64)
+    model.encoder_step(pcm, wanted, enc_in, codes, gain, low, enc_out)
     session = ort.InferenceSession(str(model.path / card.encoder.file))
     feeds = {
         "pcm": pcm,
+        "num_codebooks": wanted,
         **{s.input_name: a for s, a in zip(card.encoder.states, enc_in, strict=True)},
     }
     ref = session.run(None, feeds)
@@ -274,3 +277,33 @@ def test_in_place_steps_equal_a_plain_onnxruntime_run(model: CodecModel) -> None
     np.testing.assert_array_equal(out, ref[0])
     for got, want in zip(dec_out, ref[1:], strict=True):
         np.testing.assert_array_equal(got, want)
+
+
+def _encode_once(model: CodecModel, pcm: np.ndarray, counts: np.ndarray,
+                 states: list[np.ndarray]) -> np.ndarray:
+    card = model.card
+    batch = pcm.shape[0]
+    codes = np.full((batch, card.num_codebooks), -1, np.int64)
+    gain = np.zeros(batch, np.int64)
+    low = np.zeros((batch, card.lowband_bins), np.float32)
+    model.encoder_step(pcm, counts, states, codes, gain, low, [np.zeros_like(a) for a in states])
+    return codes
+
+
+def test_encoder_runs_only_the_quantizer_stages_a_batch_needs(model: CodecModel) -> None:
+    """Stages past the batch's largest num_codebooks are skipped (codes 0); the codes a
+    stream reads never depend on what the other streams of its batch ask for."""
+    card = model.card
+    rng = np.random.default_rng(5)
+    batch, q = 3, card.num_codebooks
+    pcm = (0.1 * rng.standard_normal((batch, card.frame_size))).astype(np.float32)
+    states = [rng.standard_normal((batch, *s.shape)).astype(np.float32)
+              for s in card.encoder.states]
+    full = _encode_once(model, pcm, np.full(batch, q, np.int64), states)
+    assert ((full >= 0) & (full < card.codebook_size)).all()
+    mixed = _encode_once(model, pcm, np.array([1, 3, 2], np.int64), states)
+    np.testing.assert_array_equal(mixed[:, :3], full[:, :3])
+    assert (mixed[:, 3:] == 0).all()
+    ones = _encode_once(model, pcm, np.ones(batch, np.int64), states)
+    np.testing.assert_array_equal(ones[:, 0], full[:, 0])
+    assert (ones[:, 1:] == 0).all()

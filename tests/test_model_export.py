@@ -79,7 +79,7 @@ def test_states_are_named_inputs_and_outputs(exported) -> None:
 
 def _check_card_matches_graphs(folder: Path) -> dict:
     card = json.loads((folder / "card.json").read_text())
-    assert card["format"] == "codecstream-model" and card["format_version"] == 2
+    assert card["format"] == "codecstream-model" and card["format_version"] == 3
     for part in ("encoder", "decoder"):
         graph = onnx.load(str(folder / card[part]["file"]))
         meta = {p.key: p.value for p in graph.metadata_props}

@@ -1414,3 +1414,13 @@ def test_json_structure_errors() -> None:
         {"num_codebooks": 1, "gain_index": 0, "codes": [1], "seq": 3},
         **LIMITS,
     )
+
+
+def test_trusted_frames_equal_checked_frames() -> None:
+    """The encoder's unchecked constructor builds the same (equal, hashable, packable) frame."""
+    low = tuple([1, -2, 0, 3] * 8)
+    for args in [(3, 40, (1, 2, 3)), (2, 63, (1023, 0), 1, low)]:
+        trusted, checked = TokenFrame.trusted(*args), TokenFrame(*args)  # type: ignore[arg-type]
+        assert trusted == checked and hash(trusted) == hash(checked)
+        assert pack_frame(trusted, code_bits=10, gain_bits=6) == pack_frame(
+            checked, code_bits=10, gain_bits=6)

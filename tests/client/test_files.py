@@ -46,7 +46,7 @@ def offline_decode(
     out = []
     for k in range(frames):
         frame = x[None, k * n : (k + 1) * n].copy()
-        model.encoder_step(frame, enc.arrays, codes, gain, low, enc.spare)
+        model.encoder_step(frame, count, enc.arrays, codes, gain, low, enc.spare)
         enc.swap()
         codes[0, codebooks:] = 0
         values[:], mask[:] = 0.0, 0.0
