@@ -76,6 +76,13 @@ def add_encode(sub: argparse._SubParsersAction[argparse.ArgumentParser], help_te
         "payload bitrate: 1, 3 or 6 kbps (the model's bitrate mode for that budget: codebooks "
         "and low band; default 6)",
     )
+    p.add_argument(
+        "--rate-cap",
+        action="store_true",
+        help="hold the payload to the mode's rate (bursts of at most 1 s of it) by narrowing or "
+        "dropping the low band of frames over budget; costs quality on loud speech (local "
+        "encoding only)",
+    )
     add_common(p)
 
 
@@ -109,12 +116,14 @@ def run_encode(args: argparse.Namespace) -> int:
     audio = read_audio(args.input)
     model = load_model(args.model)
     mode = mode_from_args(model.card, args)
+    if args.rate_cap and args.server:
+        raise ClientError("--rate-cap is for local encoding (the server encodes uncapped)")
     if args.server and args.transport == "http":
         data, frames = _encode_via_http(args, audio, model, mode)
     elif args.server:
         data, frames = asyncio.run(_encode_via_server(args, audio, model, mode))
     else:
-        data, frames = encode_local(audio, model, mode, quiet=args.quiet)
+        data, frames = encode_local(audio, model, mode, quiet=args.quiet, rate_cap=args.rate_cap)
     _write_bytes(args.output, data)
     seconds = frames * model.card.frame_ms / 1000.0
     total = 8 * len(data) / seconds / 1000 if seconds else 0.0

@@ -222,12 +222,18 @@ def prepare_input(audio: Audio, card: CodecParams) -> PreparedInput:
 
 
 def encode_pcm_local(
-    model: CodecModel, pcm: F32, mode: BitrateMode | int, progress: Progress | None = None
+    model: CodecModel,
+    pcm: F32,
+    mode: BitrateMode | int,
+    progress: Progress | None = None,
+    *,
+    rate_cap: bool = False,
 ) -> list[TokenFrame]:
     """Tokens of model-rate float32 `pcm` (whole frames) through an `EncoderStream` in bitrate
-    `mode` (an int: that many codebooks without low band)."""
+    `mode` (an int: that many codebooks without low band); `rate_cap`: the stream's hard cap
+    on the mode's rate (`EncoderStream(rate_cap=True)`)."""
     card = model.card
-    enc = EncoderStream(model, rate=card.sample_rate, fmt=SampleFormat.F32LE)
+    enc = EncoderStream(model, rate=card.sample_rate, fmt=SampleFormat.F32LE, rate_cap=rate_cap)
     if isinstance(mode, BitrateMode):
         enc.set_mode(mode)
     else:
@@ -329,14 +335,19 @@ def check_header(header: BitstreamHeader, card: CodecParams, where: str) -> None
 
 
 def encode_local(
-    audio: Audio, model: CodecModel, mode: BitrateMode | int, *, quiet: bool = False
+    audio: Audio,
+    model: CodecModel,
+    mode: BitrateMode | int,
+    *,
+    quiet: bool = False,
+    rate_cap: bool = False,
 ) -> tuple[bytes, int]:
     """The bitstream file bytes of `audio` encoded locally in bitrate `mode` (see
     `encode_pcm_local`); returns (data, frames)."""
     params = CodecParams.from_card(model.card)
     prepared = prepare_input(audio, params)
     with progress_bar(prepared.frames, "encoding", quiet=quiet) as bar:
-        frames = encode_pcm_local(model, prepared.pcm, mode, bar.update)
+        frames = encode_pcm_local(model, prepared.pcm, mode, bar.update, rate_cap=rate_cap)
     return write_bitstream(params.header(prepared.source), frames), len(frames)
 
 

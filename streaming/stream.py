@@ -43,7 +43,8 @@ from streaming.model import (
     ModelCard,
     PreparedStep,
 )
-from streaming.protocol import TokenFrame
+from streaming.protocol import TokenFrame, frame_bits
+from streaming.ratecap import BitBudget, fallbacks
 
 __all__ = ["Clock", "DecoderStream", "EncoderStream", "StreamOverflowError"]
 
@@ -122,6 +123,11 @@ class EncoderStream:
     * `max_buffered_ms`: PCM that may wait for encoding (default 1000 ms); beyond it input is
       dropped and counted in `overflow_samples`.
     * `stats`: optional shared `LatencyStats` every encoded frame is added to.
+    * `rate_cap`: hold the payload to the mode's nominal bitrate (`bitrate_kbps`), with
+      bursts of at most 1 s of it, by narrowing or leaving out the low band of frames that
+      would exceed it (`streaming.ratecap.BitBudget`, counted in `frames_trimmed`).  Off by
+      default: every low band goes whole and the rate follows the signal (trimming loud
+      frames costs quality; for links that cannot carry a burst).
     """
 
     def __init__(
@@ -135,12 +141,14 @@ class EncoderStream:
         max_buffered_ms: float = 1000.0,
         clock: Clock = time.perf_counter,
         stats: LatencyStats | None = None,
+        rate_cap: bool = False,
     ) -> None:
         card = model.card
         self.model = model
         self.card = card
         self.clock = clock
         self.stats = stats
+        self.rate_cap = rate_cap
         self.framer = InputFramer(
             _rate_or_model(card, rate),
             model_rate=card.sample_rate,
@@ -157,6 +165,12 @@ class EncoderStream:
         self._initial_layout = self._valid_layout(lowband_layout)
         self.lowband_layout = self._initial_layout
         """Low-band layout of the frames encoded from now on (0: none)."""
+        self._budget = BitBudget(self.bitrate_kbps, card.frame_ms)
+        self._codes_only_bits = tuple(  # payload bits of a frame of n codebooks, no low band
+            frame_bits(n, code_bits=card.code_bits, gain_bits=card.gain.bits) if n else 0
+            for n in range(card.num_codebooks + 1)
+        )
+        self._fallbacks = {i: fallbacks(i, card.lowband_layouts) for i in card.lowband_layouts}
         self._pcm: F32 = np.zeros((1, card.frame_size), dtype=np.float32)
         self._count: I64 = np.ones(1, dtype=np.int64)
         self._codes: I64 = np.zeros((1, card.num_codebooks), dtype=np.int64)
@@ -200,15 +214,18 @@ class EncoderStream:
     def set_num_codebooks(self, n: int) -> None:
         """Keep `n` codebooks (1..Q) in the frames encoded from now on."""
         self.num_codebooks = self._valid_codebooks(n)
+        self._budget.set_rate(self.bitrate_kbps)
 
     def set_lowband_layout(self, layout_id: int) -> None:
         """Send low-band layout `layout_id` (0: none) with the frames encoded from now on."""
         self.lowband_layout = self._valid_layout(layout_id)
+        self._budget.set_rate(self.bitrate_kbps)
 
     def set_mode(self, mode: BitrateMode) -> None:
         """Codebooks and low-band layout of `mode` for the frames encoded from now on."""
         self.num_codebooks = self._valid_codebooks(mode.num_codebooks)
         self.lowband_layout = self._valid_layout(mode.lowband_layout)
+        self._budget.set_rate(self.bitrate_kbps)
 
     def set_bitrate(self, kbps: float) -> BitrateMode:
         """Use the card's mode for a budget of `kbps` (`ModelCard.mode_for_bitrate`); return it.
@@ -221,8 +238,13 @@ class EncoderStream:
 
     @property
     def bitrate_kbps(self) -> float:
-        """Nominal payload bitrate of the current mode, kbps."""
+        """Nominal payload bitrate of the current mode, kbps (the cap with `rate_cap`)."""
         return self.card.bitrate_kbps(self.num_codebooks, self.lowband_layout)
+
+    @property
+    def frames_trimmed(self) -> int:
+        """Frames whose low band was narrowed or left out to stay within the bitrate."""
+        return self._budget.trimmed
 
     # ---- sizes ----------------------------------------------------------------------------
 
@@ -325,6 +347,8 @@ class EncoderStream:
         self._ready.clear()
         self.num_codebooks = self._initial_codebooks
         self.lowband_layout = self._initial_layout
+        self._budget.set_rate(self.bitrate_kbps)
+        self._budget.reset()
         self.frames_encoded = 0
         self.last_latency = None
 
@@ -347,24 +371,43 @@ class EncoderStream:
     ) -> TokenFrame:
         """The frame of one encoder output row: codes [Q], gain index, shape low band [K]."""
         n = self.num_codebooks
+        card = self.card
+        codes_only = self._codes_only_bits[n]
+        kept = tuple(codes[:n].tolist())
+        frame: TokenFrame | None = None
         layout_id = self.lowband_layout
-        gain = self.card.gain
-        level_db = gain.min_db + gain.step_db * gain_index
-        if layout_id == LOWBAND_LAYOUT_NONE or level_db < LAYOUTS[layout_id].min_level_db:
-            # quiet: no low band
-            frame = TokenFrame.trusted(n, gain_index, tuple(codes[:n].tolist()))
-        else:
-            spec = LAYOUTS[layout_id]
-            indices = quantize(lowband, spec, self._indices[: spec.bins],
-                               self._scaled[: spec.bins])
-            frame = TokenFrame.trusted(n, gain_index, tuple(codes[:n].tolist()), layout_id,
-                                       tuple(indices.tolist()))
+        if layout_id != LOWBAND_LAYOUT_NONE:
+            level_db = card.gain.min_db + card.gain.step_db * gain_index
+            if level_db >= LAYOUTS[layout_id].min_level_db:  # quiet frames: no low band
+                frame = self._with_lowband(n, gain_index, kept, lowband, codes_only)
+        if frame is None:
+            frame = TokenFrame.trusted(n, gain_index, kept)
+            self._budget.spend(codes_only)
         record = FrameLatency(self.frames_encoded, ready, start, end, batch, self._algorithmic_ms)
         self.last_latency = record
         if self.stats is not None:
             self.stats.add(record)
         self.frames_encoded += 1
         return frame
+
+    def _with_lowband(
+        self, n: int, gain_index: int, codes: tuple[int, ...], lowband: F32, codes_only: int
+    ) -> TokenFrame | None:
+        """The frame with the widest low band the budget allows (None: no low band fits)."""
+        allowance = self._budget.allowance()
+        for layout_id in self._fallbacks[self.lowband_layout]:
+            spec = LAYOUTS[layout_id]
+            indices = quantize(lowband, spec, self._indices[: spec.bins],
+                               self._scaled[: spec.bins])
+            bits = codes_only + 1 + spec.coded_bits(indices)  # the layout field: 1 more bit
+            if bits <= allowance or not self.rate_cap:
+                if layout_id != self.lowband_layout:
+                    self._budget.trimmed += 1
+                self._budget.spend(bits)
+                return TokenFrame.trusted(n, gain_index, codes, layout_id,
+                                          tuple(indices.tolist()))
+        self._budget.trimmed += 1
+        return None
 
     def __repr__(self) -> str:
         return (

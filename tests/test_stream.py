@@ -14,6 +14,7 @@ from streaming.latency import LatencyStats
 from streaming.lowband import LAYOUTS
 from streaming.model import BitrateMode, CodecModel
 from streaming.protocol import TokenFrame
+from streaming.ratecap import BANK_MS
 from streaming.stream import DecoderStream, EncoderStream, StreamOverflowError
 
 
@@ -121,6 +122,38 @@ def test_set_bitrate_picks_the_mode_from_the_card(model: CodecModel) -> None:
     assert any(f.lowband_layout == 2 for f in frames)
     with pytest.raises(ValueError):
         enc.set_bitrate(0.1)
+
+
+def payload_bits(frames: list[TokenFrame], model: CodecModel) -> list[int]:
+    card = model.card
+    return [f.bit_length(code_bits=card.code_bits, gain_bits=card.gain.bits) for f in frames]
+
+
+@pytest.mark.parametrize("kbps", [3.0, 6.0])
+def test_rate_cap_keeps_the_payload_within_the_mode_rate(model: CodecModel, kbps: float) -> None:
+    """With the cap the payload of the first k frames never exceeds k frames of the mode's
+    rate plus the bucket (1 s of it); frames over budget get a narrower low band or none
+    (counted).  Without it this loud signal exceeds the rate.  The codes are the same."""
+    card = model.card
+    loud = np.clip(speech(16000, 10.0, seed=4).astype(np.float64) * 3.5, -32768, 32767)
+    loud = loud.astype(np.int16)
+    capped = EncoderStream(model, rate_cap=True, max_buffered_ms=11000)
+    free = EncoderStream(model, max_buffered_ms=11000)
+    mode = capped.set_bitrate(kbps)
+    free.set_bitrate(kbps)
+    a, b = capped.encode(loud), free.encode(loud)
+    budget = mode.kbps * card.frame_ms  # bits per frame
+    bucket = mode.kbps * BANK_MS
+    sent = np.cumsum(payload_bits(a, model))
+    assert np.all(sent <= budget * np.arange(1, len(a) + 1) + bucket + 1e-9)
+    assert sum(payload_bits(b, model)) > budget * len(b)
+    assert capped.frames_trimmed > 0 and free.frames_trimmed == 0
+    assert [(f.codes, f.gain_index) for f in a] == [(f.codes, f.gain_index) for f in b]
+    assert {f.lowband_layout for f in a} <= {0, *range(1, mode.lowband_layout + 1)}
+    capped.reset()  # back to the constructor's mode, nothing banked or trimmed
+    assert capped.frames_trimmed == 0
+    capped.set_bitrate(kbps)
+    assert capped.encode(loud) == a
 
 
 def test_reset_gives_a_fresh_encoder(model: CodecModel) -> None:

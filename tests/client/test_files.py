@@ -248,3 +248,25 @@ def test_bad_bitrate_options_are_clear_errors(
     assert run("encode", wav16, tmp_path / "x.csb", *options, "-q") == 1
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
+
+
+def test_rate_cap_option_holds_the_payload_to_the_mode_rate(
+    tmp_path: Path, speech: tuple[np.ndarray, int], model: CodecModel
+) -> None:
+    """--rate-cap: the payload of any prefix stays within the mode's rate plus a 1 s bucket;
+    the codes are those of the uncapped encoding (only low bands are trimmed)."""
+    x, rate = speech
+    loud = tmp_path / "loud.wav"
+    sf.write(loud, np.clip(np.tile(x, 4) * 3.0, -1, 1), rate, subtype="FLOAT")
+    capped, free = tmp_path / "c.csb", tmp_path / "f.csb"
+    assert run("encode", loud, capped, "--kbps", "3", "--rate-cap", "-q") == 0
+    assert run("encode", loud, free, "--kbps", "3", "-q") == 0
+    card = model.card
+    mode = card.mode_for_bitrate(3)
+    (_, a), (_, b) = read_bitstream(capped.read_bytes()), read_bitstream(free.read_bytes())
+    bits = np.cumsum([f.bit_length(code_bits=card.code_bits, gain_bits=card.gain.bits)
+                      for f in a])
+    per_frame = mode.kbps * card.frame_ms
+    assert np.all(bits <= per_frame * np.arange(1, len(a) + 1) + mode.kbps * 1000.0)
+    assert [f.codes for f in a] == [f.codes for f in b] and a != b
+    assert run("encode", loud, capped, "--rate-cap", "--server", "ws://127.0.0.1:9") == 1
