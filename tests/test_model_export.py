@@ -184,3 +184,32 @@ def test_int8_graphs_compute_each_stream_independently_of_the_batch(tmp_path: Pa
     batched = onnx_codec.decode(batched_codes, np.full(batched_codes.shape[:2], 40), 4)
     alone = onnx_codec.decode(alone_codes, np.full(alone_codes.shape[:2], 40), 4)
     np.testing.assert_allclose(batched[2:3], alone, atol=1e-6)
+
+
+def _run_encoder(session, pcm: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    feeds = {"pcm": pcm, "num_codebooks": counts}
+    for tensor in session.get_inputs():
+        if tensor.name.startswith("in_"):
+            feeds[tensor.name] = np.zeros((pcm.shape[0], *tensor.shape[1:]), np.float32)
+    return session.run(["codes"], feeds)[0]
+
+
+def test_quantizer_gates_skip_only_the_stages_no_stream_wants(tmp_path: Path) -> None:
+    """Gates at other split points (models/gating.py): the first k codes never change, the
+    stages past the batch's largest count are skipped (0); a graph is gated only once."""
+    import onnxruntime as ort
+
+    from models.gating import gate_quantizer_stages
+
+    model = random_model(TINY, seed=7)
+    export_model(tmp_path, model=model, model_id="gates")  # default gates (1, 3)
+    q = TINY.num_codebooks
+    with pytest.raises(ValueError, match="already has a num_codebooks input"):
+        gate_quantizer_stages(tmp_path / "encoder.onnx", q)
+    pcm = speechlike(1, batch=3).numpy()
+    codes, _ = model.encode(torch.from_numpy(pcm))
+    session = ort.InferenceSession(str(tmp_path / "encoder.onnx"))
+    for counts, wanted in (([1, 1, 1], 1), ([1, 2, 1], 3), ([3, 1, 2], 3), ([1, q, 2], q)):
+        got = _run_encoder(session, pcm, np.array(counts, np.int64))
+        np.testing.assert_array_equal(got[:, :wanted], codes[:, 0, :wanted].numpy())
+        assert (got[:, wanted:] == 0).all()
