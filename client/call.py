@@ -48,7 +48,8 @@ F32: TypeAlias = npt.NDArray[np.float32]
 @dataclass(frozen=True)
 class CallOptions:
     """What `codec-client call` was asked for (see its --help).  `mode`: the bitrate mode of
-    what this participant sends (None: the model's 6 kbps mode)."""
+    what this participant sends (None: the model's 6 kbps mode); `rate_cap`: hold what it
+    sends to that mode's rate (`EncoderStream(rate_cap=True)`)."""
 
     server: str
     room: str
@@ -56,6 +57,7 @@ class CallOptions:
     send: str = "tokens"
     receive: str = "tokens"
     mode: BitrateMode | None = None
+    rate_cap: bool = False
     timestamps: bool = False
     api_key: str | None = None
     playout_ms: float = 40.0
@@ -215,6 +217,7 @@ class CallClient:
                 self._queue_packet,
                 stream_id=participant_id,
                 mode=self.mode,
+                rate_cap=o.rate_cap,
             )
             capture_step: Callable[[], object] = self.capture.process
         else:

@@ -42,6 +42,13 @@ def add_call(sub: argparse._SubParsersAction[argparse.ArgumentParser], help_text
     p.add_argument("--name", default="", help="display name shown to the others")
     add_mode_arguments(p, "bitrate of what you send: 1, 3 or 6 kbps (default 6)")
     p.add_argument(
+        "--rate-cap",
+        action="store_true",
+        help="with --send tokens: hold what you send to the mode's rate (bursts of at most 1 s "
+        "of it) by trimming the low band of frames over budget (for links that cannot take a "
+        "burst; costs quality on loud speech)",
+    )
+    p.add_argument(
         "--send",
         choices=("tokens", "pcm"),
         default="tokens",
@@ -169,6 +176,7 @@ def run_call(args: argparse.Namespace) -> int:
         send=args.send,
         receive=args.receive or args.send,
         mode=mode_from_args(model.card, args),
+        rate_cap=args.rate_cap,
         timestamps=args.timestamps,
         api_key=args.api_key,
         playout_ms=args.playout_ms,

@@ -54,6 +54,7 @@ class CaptureSide:
     * `muted`: frames are still encoded (the encoder state stays current) but not sent.
     * `record`: keep a `SendRecord` per frame in `records` (for profiling).
     * `stats`: a `LatencyStats` the encoder adds every frame to.
+    * `rate_cap`: hold the payload to the mode's rate (`EncoderStream(rate_cap=True)`).
     `level_db` is the peak level of the last captured chunk, dBFS.
     """
 
@@ -69,6 +70,7 @@ class CaptureSide:
         clock: Clock = time.perf_counter,
         record: bool = False,
         stats: LatencyStats | None = None,
+        rate_cap: bool = False,
     ) -> None:
         card = model.card
         self.port = port
@@ -82,6 +84,7 @@ class CaptureSide:
             num_codebooks=num_codebooks,
             clock=clock,
             stats=stats,
+            rate_cap=rate_cap,
         )
         if mode is not None:
             self.encoder.set_mode(mode)

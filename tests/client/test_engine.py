@@ -106,3 +106,13 @@ def test_mute_stops_sending_but_keeps_encoding(
     assert [p.seq for p in sent] == list(range(10))  # no gap in seq: receivers see a pause
     gap = sent[5].timestamp_us - sent[4].timestamp_us
     assert abs(gap - 11 * 20000) <= 1  # capture timestamps keep the real time (µs)
+
+
+def test_capture_side_can_hold_its_stream_to_the_mode_rate(model: CodecModel) -> None:
+    """--rate-cap of `codec-client call`: the capture side's encoder caps its rate."""
+    audio = VirtualAudio(16000, np.zeros(320, np.float32), block=320)
+    mode = model.card.mode_for_bitrate(3.0)
+    capped = CaptureSide(model, audio, [].append, mode=mode, rate_cap=True)
+    plain = CaptureSide(model, audio, [].append, mode=mode)
+    assert capped.encoder.rate_cap and not plain.encoder.rate_cap
+    assert capped.encoder.bitrate_kbps == pytest.approx(mode.kbps)
