@@ -51,6 +51,8 @@ class TrainConfig:
     lowband_hz: float = 1500.0
     lowband_prob: float = 0.0
     lowband_layouts: tuple[tuple[int, float], ...] = ((32, 3.5), (40, 1.25))
+    mode_prob: float = 0.0
+    modes: tuple[tuple[int, int], ...] = ((1, 0), (2, 1), (3, 2))
     weight_pitch: float = 1.0
     teacher_pitch_prob: float = 0.5
     weight_adv: float = 0.0
@@ -98,6 +100,37 @@ def sent_lowband(shape_low: torch.Tensor, prob: float,
         bins, step = layouts[int(choice[row])]
         mask[row, :, :bins] = 1.0
         values[row, :, :bins] = torch.round(shape_low[row, :, :bins].detach() / step) * step
+    return values, mask
+
+
+def operating_points(batch: int, prob: float, modes: tuple[tuple[int, int], ...],
+                     sampled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(counts [B], low-band layout [B]) for a batch: with probability `prob` a row runs one
+    of the shipped bitrate modes ((codebooks, layout) pairs of `modes`, layout 0 = none,
+    k = `lowband_layouts[k - 1]`; drawn uniformly), else it keeps `sampled` (the quantizer
+    dropout's counts) and layout -1 (`sent_lowband` decides).  Mode rows make the weights
+    serve the 1, 3 and 6 kbps modes the engine runs (codebooks and low band together),
+    which uniform dropout over 1..Q visits in 1 row of 20."""
+    counts = sampled.clone()
+    layouts = torch.full((batch,), -1, dtype=torch.long)
+    chosen = torch.rand(batch) < prob
+    picks = torch.randint(len(modes), (batch,))
+    for row in torch.nonzero(chosen).flatten().tolist():
+        counts[row], layouts[row] = modes[int(picks[row])]
+    return counts, layouts
+
+
+def rows_lowband(shape_low: torch.Tensor, rows: torch.Tensor, prob: float,
+                 layouts: tuple[tuple[int, float], ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sent_lowband` for the rows whose layout is -1; rows >= 0 get exactly that layout."""
+    values, mask = sent_lowband(shape_low, prob, layouts)
+    for row in torch.nonzero(rows >= 0).flatten().tolist():
+        values[row], mask[row] = 0.0, 0.0
+        layout = int(rows[row])
+        if layout:
+            bins, step = layouts[layout - 1]
+            mask[row, :, :bins] = 1.0
+            values[row, :, :bins] = torch.round(shape_low[row, :, :bins].detach() / step) * step
     return values, mask
 
 
@@ -187,10 +220,18 @@ class Trainer:
         config = self.config
         pcm = torch.from_numpy(batch)
         lowband = None
-        if config.lowband_prob > 0:
+        counts = None
+        if config.mode_prob > 0:
+            sampled = self.model.quantizer.sample_counts(pcm.shape[0], pcm.device)
+            counts, rows = operating_points(pcm.shape[0], config.mode_prob, config.modes,
+                                            sampled)
+
+            def lowband(shape_low: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                return rows_lowband(shape_low, rows, config.lowband_prob, config.lowband_layouts)
+        elif config.lowband_prob > 0:
             def lowband(shape_low: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
                 return sent_lowband(shape_low, config.lowband_prob, config.lowband_layouts)
-        out = self.model(pcm, teacher_prob=config.teacher_pitch_prob, lowband=lowband)
+        out = self.model(pcm, counts, teacher_prob=config.teacher_pitch_prob, lowband=lowband)
         valid = pcm.shape[1] - config.codec.overlap  # last L samples are incomplete
         terms = self.loss(out.pcm[:, :valid], pcm[:, :valid])
         total = (config.weight_mel * terms["mel"] + config.weight_log_mag * terms["log_mag"]

@@ -6,7 +6,7 @@ import torch
 
 from models.export import random_model
 from models.mdct import frame_spans, overlap_add
-from models.train import mdct_loss, sent_lowband
+from models.train import mdct_loss, operating_points, rows_lowband, sent_lowband
 from tests.test_model_codec import TINY, speechlike
 
 N, L = TINY.frame_size, TINY.overlap
@@ -60,3 +60,28 @@ def test_sent_lowband_quantises_the_given_rows_only() -> None:
     model = random_model(TINY, seed=5)
     out = model(speechlike(6), lowband=lambda s: sent_lowband(s, 1.0, ((16, 0.5),)))
     assert torch.isfinite(out.pcm).all()
+
+
+def test_mode_rows_get_the_modes_codebooks_and_low_band() -> None:
+    """mode_prob rows run a shipped mode (codebooks + its layout); the others keep the
+    dropout's counts and sent_lowband's random choice."""
+    torch.manual_seed(0)
+    modes = ((1, 0), (2, 1), (3, 2))
+    layouts = ((32, 3.5), (40, 1.25))
+    sampled = torch.full((64,), 12, dtype=torch.long)
+    counts, rows = operating_points(64, 0.5, modes, sampled)
+    picked = rows >= 0
+    assert 10 < int(picked.sum()) < 54
+    assert (counts[~picked] == 12).all()
+    pairs = zip(counts[picked].tolist(), rows[picked].tolist(), strict=True)
+    assert set(pairs) <= set(modes)
+    shape_low = torch.randn(64, 5, 48)
+    values, mask = rows_lowband(shape_low, rows, 0.0, layouts)  # prob 0: only mode rows
+    for row in range(64):
+        layout = int(rows[row])
+        bins = 0 if layout <= 0 else layouts[layout - 1][0]
+        assert float(mask[row].sum()) == 5 * bins
+        if bins:
+            step = layouts[layout - 1][1]
+            assert torch.equal(values[row, :, :bins], torch.round(shape_low[row, :, :bins] / step)
+                               * step)
