@@ -101,7 +101,8 @@ def gate_quantizer_stages(path: Path, stages: int, splits: Sequence[int] = (1, 3
 
     `stages`: the quantizer's Q; `splits`: ascending stage counts after which a gate opens
     (default: stage 1 always runs, stages 2-3 when some stream wants more than 1 codebook,
-    stages 4..Q when some stream wants more than 3). Adds the graph input ``num_codebooks``.
+    stages 4..Q when some stream wants more than 3; splits >= Q are ignored, and with none
+    left every stage always runs). Adds the graph input ``num_codebooks``.
     """
     splits = [s for s in splits if 0 < s < stages]
     if sorted(set(splits)) != list(splits):
@@ -111,6 +112,19 @@ def gate_quantizer_stages(path: Path, stages: int, splits: Sequence[int] = (1, 3
     if any(i.name == COUNT_INPUT for i in graph.input):
         raise ValueError(f"{path} already has a {COUNT_INPUT} input")
     concat, codes = _stage_codes(graph, stages)
+    if splits:
+        _insert_gates(graph, concat, codes, stages, splits)
+    inputs = list(graph.input)  # num_codebooks goes right after pcm, as in the decoder
+    del graph.input[:]
+    graph.input.extend([inputs[0], helper.make_tensor_value_info(COUNT_INPUT, TensorProto.INT64,
+                                                                 ["batch"]), *inputs[1:]])
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+
+
+def _insert_gates(graph: onnx.GraphProto, concat: onnx.NodeProto, codes: list[str], stages: int,
+                  splits: Sequence[int]) -> None:
+    """Move the nodes of the stages past each split into nested `If` gates, in place."""
     producers = _producers(graph.node)
     constant = _constant_nodes(graph)
     # what the graph computes besides stages >= splits[0] (the walk stops at the Concat)
@@ -133,7 +147,7 @@ def gate_quantizer_stages(path: Path, stages: int, splits: Sequence[int] = (1, 3
         outputs = codes[splits[g] : bounds[g + 1]] + inner_outputs
         inner, inner_outputs = _gate(f"vq_gate{g}", count_max, splits[g], groups[g] + inner,
                                      outputs, codes[0])
-    rename = dict(zip(codes[splits[0]:], inner_outputs, strict=True)) if splits else {}
+    rename = dict(zip(codes[splits[0]:], inner_outputs, strict=True))
     concat.input[:] = [rename.get(c, c) for c in concat.input]
     reduce = helper.make_node("ReduceMax", [COUNT_INPUT], [count_max], keepdims=0,
                               name="vq_gate/ReduceMax")
@@ -141,9 +155,3 @@ def gate_quantizer_stages(path: Path, stages: int, splits: Sequence[int] = (1, 3
     at = kept.index(concat)
     del graph.node[:]
     graph.node.extend([*kept[:at], reduce, *inner, *kept[at:]])
-    inputs = list(graph.input)  # num_codebooks goes right after pcm, as in the decoder
-    del graph.input[:]
-    graph.input.extend([inputs[0], helper.make_tensor_value_info(COUNT_INPUT, TensorProto.INT64,
-                                                                 ["batch"]), *inputs[1:]])
-    onnx.checker.check_model(model)
-    onnx.save(model, str(path))

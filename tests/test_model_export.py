@@ -213,3 +213,11 @@ def test_quantizer_gates_skip_only_the_stages_no_stream_wants(tmp_path: Path) ->
         got = _run_encoder(session, pcm, np.array(counts, np.int64))
         np.testing.assert_array_equal(got[:, :wanted], codes[:, 0, :wanted].numpy())
         assert (got[:, wanted:] == 0).all()
+    from models.export import export_graphs
+
+    plain = tmp_path / "plain"
+    export_graphs(model, plain)
+    gate_quantizer_stages(plain / "encoder.onnx", q, splits=())  # the input, no gates
+    ungated = ort.InferenceSession(str(plain / "encoder.onnx"))
+    got = _run_encoder(ungated, pcm, np.ones(3, np.int64))
+    np.testing.assert_array_equal(got, codes[:, 0].numpy())
