@@ -252,7 +252,8 @@ def quantize(shape: npt.NDArray[np.float32], spec: LowbandLayout,
     """
     scaled = np.multiply(shape[..., : spec.bins], np.float32(1.0 / spec.step), out=scratch)
     np.rint(scaled, out=scaled)
-    np.clip(scaled, -spec.max_index, spec.max_index, out=scaled)
+    np.maximum(scaled, np.float32(-spec.max_index), out=scaled)  # cheaper than np.clip
+    np.minimum(scaled, np.float32(spec.max_index), out=scaled)
     out[...] = scaled
     return out
 
