@@ -5,15 +5,17 @@ is entropy coded, so its size follows the signal: a loud, bright clip can take 3
 mode's nominal rate.  `BitBudget` is a token bucket (rate r = the budget, depth b = `bank_ms`
 of it, full at the start): every frame earns `bits_per_frame` = r times the frame duration, up
 to the depth; a frame spends what it sends and may take its low band only when the bucket
-covers it; otherwise the encoder falls back to a narrower layout, then to no low band
-(`fallbacks`).  Codebooks alone always fit (a mode's rate is codebooks + the low band's
-average), so the payload of any run of k frames is at most k * bits_per_frame + b: a long
-stream averages at most the budget, and a burst above it is at most `bank_ms` worth.
+covers it; otherwise the encoder sends fewer codebooks (down to 1), then a narrower layout
+(`fallbacks`), then no low band.  Codebooks alone always fit (a mode's rate is codebooks + the
+low band's average), so the payload of any run of k frames is at most k * bits_per_frame + b:
+a long stream averages at most the budget, and a burst above it is at most `bank_ms` worth.
 
-Trimming costs quality (the frames trimmed are the loud ones): on 9 dev clips a cap at the
-3 kbps mode's rate cost 0.3 PESQ-WB, at 6 kbps 0.1 (docs/quality.md), so the cap is opt-in
-(`EncoderStream(rate_cap=True)`, `codec-client encode --rate-cap`): for links that cannot
-carry a burst.
+Trimming costs quality (the frames trimmed are the loud ones).  On 9 dev clips of 4-8 s
+(bench_quality's spread) the cap cost 0.09 PESQ-WB at 3 kbps (uncapped 3.41 kbps -> 3.24,
+max clip 4.06 -> 3.52) and 0.05 at 6 kbps; sending fewer codebooks before a narrower low band
+did better than the reverse (0.014 PESQ-WB at 3 kbps).  The cap is opt-in
+(`EncoderStream(rate_cap=True)`, `codec-client encode/call --rate-cap`): for links that
+cannot carry a burst.
 
 No I/O, no allocation per frame: the encoder stream owns one and calls `allowance` / `spend`.
 """

@@ -393,19 +393,26 @@ class EncoderStream:
     def _with_lowband(
         self, n: int, gain_index: int, codes: tuple[int, ...], lowband: F32, codes_only: int
     ) -> TokenFrame | None:
-        """The frame with the widest low band the budget allows (None: no low band fits)."""
+        """The frame with the most the budget allows: the mode's layout with n codebooks, else
+        with fewer (down to 1: a codebook is worth less than the low band), else each
+        narrower layout the same way; None when no low band fits (then codebooks alone)."""
         allowance = self._budget.allowance()
         for layout_id in self._fallbacks[self.lowband_layout]:
             spec = LAYOUTS[layout_id]
             indices = quantize(lowband, spec, self._indices[: spec.bins],
                                self._scaled[: spec.bins])
-            bits = codes_only + 1 + spec.coded_bits(indices)  # the layout field: 1 more bit
-            if bits <= allowance or not self.rate_cap:
-                if layout_id != self.lowband_layout:
-                    self._budget.trimmed += 1
-                self._budget.spend(bits)
-                return TokenFrame.trusted(n, gain_index, codes, layout_id,
-                                          tuple(indices.tolist()))
+            low_bits = 1 + spec.coded_bits(indices)  # the layout field: 1 more bit
+            k = n
+            if self.rate_cap:
+                while k >= 1 and self._codes_only_bits[k] + low_bits > allowance:
+                    k -= 1
+                if k < 1:
+                    continue
+            if k != n or layout_id != self.lowband_layout:
+                self._budget.trimmed += 1
+            self._budget.spend(self._codes_only_bits[k] + low_bits)
+            return TokenFrame.trusted(k, gain_index, codes[:k], layout_id,
+                                      tuple(indices.tolist()))
         self._budget.trimmed += 1
         return None
 
