@@ -51,6 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--save-weights", type=Path,
                         help=f"also write fp16 weights for fine-tuning (the shipped ones live "
                              f"in {SHIPPED_WEIGHTS.relative_to(SHIPPED_WEIGHTS.parents[2])})")
+    export.add_argument("--prior-steps", type=int, default=0, metavar="N",
+                        help="steps of the runs the checkpoint was fine-tuned from (recorded in "
+                             "the card's training.steps and the model id with its own)")
+    export.add_argument("--lineage", default=None, metavar="TEXT",
+                        help="how the checkpoint was trained, for the card (e.g. its runs)")
     export.add_argument("--weights", choices=("int8", "fp16", "fp32"), default="int8",
                         help="weight storage: int8 (default: 8-bit Linear layers, fastest, "
                              "smallest), fp16 (exact fp16 weights) or fp32")
@@ -123,7 +128,8 @@ def cmd_export(args: argparse.Namespace) -> None:
         raise SystemExit("codec-train export: give --checkpoint or --random")
     quality = card_quality(json.loads(args.quality.read_text())) if args.quality else None
     card = export_model(args.out, checkpoint=args.checkpoint, model_id=args.model_id,
-                        quality=quality, weights=args.weights)
+                        quality=quality, weights=args.weights, prior_steps=args.prior_steps,
+                        lineage=args.lineage)
     if args.save_weights:
         from models.export import save_weights
 

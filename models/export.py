@@ -186,7 +186,8 @@ def build_card(model: CausalCodec, states: dict[str, list[dict[str, Any]]], mode
                        "quantizer": sum(int(s.embedding.numel())
                                         for s in model.quantizer.stages)},
         "training": {"steps": meta.get("step", 0), "data": TRAINING_DATA,
-                     "config": meta.get("config")},
+                     "config": meta.get("config"),
+                     **{k: meta[k] for k in ("run_steps", "lineage") if k in meta}},
         "quality": quality or {},
     }
 
@@ -282,7 +283,8 @@ WEIGHT_FORMATS = ("fp32", "fp16", "int8")
 
 def export_model(out_dir: Path, checkpoint: Path | None = None, model_id: str | None = None,
                  quality: dict[str, Any] | None = None, model: CausalCodec | None = None,
-                 random_weights: bool | None = None, weights: str = "fp32") -> dict[str, Any]:
+                 random_weights: bool | None = None, weights: str = "fp32",
+                 prior_steps: int = 0, lineage: str | None = None) -> dict[str, Any]:
     """Export a checkpoint (or ``model``, or random weights) to ``out_dir``; return the card.
 
     ``random_weights`` labels the card; by default a model without a checkpoint is untrained.
@@ -290,6 +292,8 @@ def export_model(out_dir: Path, checkpoint: Path | None = None, model_id: str | 
     and stores them so (half the size, exact parity with the rounded model); "int8" also
     stores the encoder's and decoder's Linear layers as 8-bit weights (MatMulNBits, about a
     quarter of the size, 1.5-2x faster frame steps) and the rest as fp16.
+    ``prior_steps``: steps of the runs the checkpoint was fine-tuned from (the card's
+    training.steps and the model id count them too); ``lineage``: free text for the card.
     """
     if weights not in WEIGHT_FORMATS:
         raise ValueError(f"weights must be one of {WEIGHT_FORMATS}, not {weights!r}")
@@ -298,6 +302,10 @@ def export_model(out_dir: Path, checkpoint: Path | None = None, model_id: str | 
         random_weights = checkpoint is None
     if checkpoint is not None:
         model, meta = load_checkpoint(checkpoint)
+        meta["run_steps"] = meta["step"]
+        meta["step"] = meta["step"] + prior_steps
+        if lineage:
+            meta["lineage"] = lineage
     elif model is None:
         model = random_model()
     if weights != "fp32":
