@@ -51,9 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--save-weights", type=Path,
                         help=f"also write fp16 weights for fine-tuning (the shipped ones live "
                              f"in {SHIPPED_WEIGHTS.relative_to(SHIPPED_WEIGHTS.parents[2])})")
-    export.add_argument("--prior-steps", type=int, default=0, metavar="N",
+    export.add_argument("--prior-steps", type=int, default=None, metavar="N",
                         help="steps of the runs the checkpoint was fine-tuned from (recorded in "
-                             "the card's training.steps and the model id with its own)")
+                             "the card's training.steps and the model id with its own; default: "
+                             "what the checkpoint recorded, runs started by --init-from record "
+                             "it)")
     export.add_argument("--lineage", default=None, metavar="TEXT",
                         help="how the checkpoint was trained, for the card (e.g. its runs)")
     export.add_argument("--weights", choices=("int8", "fp16", "fp32"), default="int8",

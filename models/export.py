@@ -68,7 +68,8 @@ def load_checkpoint(path: Path) -> tuple[CausalCodec, dict[str, Any]]:
     model = CausalCodec(codec_config)
     model.load_state_dict(blob["model"])
     model.eval()
-    return model, {"step": int(blob.get("step", 0)), "config": blob["config"]}
+    return model, {"step": int(blob.get("step", 0)), "config": blob["config"],
+                   "prior_steps": int(blob.get("prior_steps", 0))}
 
 
 def save_weights(checkpoint: Path, out: Path, model_id: str) -> None:
@@ -77,7 +78,7 @@ def save_weights(checkpoint: Path, out: Path, model_id: str) -> None:
     weights = {k: v.half() if v.is_floating_point() else v for k, v in blob["model"].items()}
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"model": weights, "step": blob["step"], "config": blob["config"],
-                "model_id": model_id}, out)
+                "prior_steps": int(blob.get("prior_steps", 0)), "model_id": model_id}, out)
 
 
 def random_model(config: CodecConfig | None = None, seed: int = 0) -> CausalCodec:
@@ -284,7 +285,7 @@ WEIGHT_FORMATS = ("fp32", "fp16", "int8")
 def export_model(out_dir: Path, checkpoint: Path | None = None, model_id: str | None = None,
                  quality: dict[str, Any] | None = None, model: CausalCodec | None = None,
                  random_weights: bool | None = None, weights: str = "fp32",
-                 prior_steps: int = 0, lineage: str | None = None) -> dict[str, Any]:
+                 prior_steps: int | None = None, lineage: str | None = None) -> dict[str, Any]:
     """Export a checkpoint (or ``model``, or random weights) to ``out_dir``; return the card.
 
     ``random_weights`` labels the card; by default a model without a checkpoint is untrained.
@@ -293,7 +294,8 @@ def export_model(out_dir: Path, checkpoint: Path | None = None, model_id: str | 
     stores the encoder's and decoder's Linear layers as 8-bit weights (MatMulNBits, about a
     quarter of the size, 1.5-2x faster frame steps) and the rest as fp16.
     ``prior_steps``: steps of the runs the checkpoint was fine-tuned from (the card's
-    training.steps and the model id count them too); ``lineage``: free text for the card.
+    training.steps and the model id count them too; default: what the checkpoint recorded);
+    ``lineage``: free text for the card.
     """
     if weights not in WEIGHT_FORMATS:
         raise ValueError(f"weights must be one of {WEIGHT_FORMATS}, not {weights!r}")
@@ -302,8 +304,9 @@ def export_model(out_dir: Path, checkpoint: Path | None = None, model_id: str | 
         random_weights = checkpoint is None
     if checkpoint is not None:
         model, meta = load_checkpoint(checkpoint)
+        prior = meta.pop("prior_steps") if prior_steps is None else prior_steps
         meta["run_steps"] = meta["step"]
-        meta["step"] = meta["step"] + prior_steps
+        meta["step"] = meta["step"] + prior
         if lineage:
             meta["lineage"] = lineage
     elif model is None:

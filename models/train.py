@@ -183,6 +183,9 @@ class Trainer:
         self.disc_optimizer = torch.optim.AdamW(self.discriminator.parameters(),
                                                 lr=config.disc_lr, betas=(0.8, 0.99))
         self.step = 0
+        self.prior_steps = 0
+        """Steps of the runs this one was fine-tuned from (`--init-from`), kept in every
+        checkpoint so an export can count the model's whole training."""
         self.stop_requested = False
 
     # -- checkpoints -------------------------------------------------------------------------
@@ -190,8 +193,8 @@ class Trainer:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "discriminator": self.discriminator.state_dict(),
                 "disc_optimizer": self.disc_optimizer.state_dict(),
-                "step": self.step, "config": asdict(self.config),
-                "rng": torch.get_rng_state()}
+                "step": self.step, "prior_steps": self.prior_steps,
+                "config": asdict(self.config), "rng": torch.get_rng_state()}
 
     def save(self, name: str = "latest.pt") -> Path:
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -205,6 +208,9 @@ class Trainer:
         """Resume from a full checkpoint, or take only the weights (and the step if asked)."""
         blob = torch.load(path, map_location="cpu", weights_only=False)
         self.model.load_state_dict(blob["model"])
+        prior = int(blob.get("prior_steps", 0))
+        # resuming (or keep_step): the same run; weights only: a fine-tune starting at 0
+        self.prior_steps = prior if keep_step or not weights_only else prior + int(blob["step"])
         if keep_step:
             self.step = int(blob["step"])
         if not weights_only:
