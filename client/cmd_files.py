@@ -80,8 +80,8 @@ def add_encode(sub: argparse._SubParsersAction[argparse.ArgumentParser], help_te
         "--rate-cap",
         action="store_true",
         help="hold the payload to the mode's rate (bursts of at most 1 s of it) by narrowing or "
-        "dropping the low band of frames over budget; costs quality on loud speech (local "
-        "encoding only)",
+        "dropping the low band of frames over budget; costs quality on loud speech (local or "
+        "WebSocket encoding)",
     )
     add_common(p)
 
@@ -116,8 +116,8 @@ def run_encode(args: argparse.Namespace) -> int:
     audio = read_audio(args.input)
     model = load_model(args.model)
     mode = mode_from_args(model.card, args)
-    if args.rate_cap and args.server:
-        raise ClientError("--rate-cap is for local encoding (the server encodes uncapped)")
+    if args.rate_cap and args.server and args.transport == "http":
+        raise ClientError("--rate-cap needs local or WebSocket encoding (not --transport http)")
     if args.server and args.transport == "http":
         data, frames = _encode_via_http(args, audio, model, mode)
     elif args.server:
@@ -139,7 +139,9 @@ def run_encode(args: argparse.Namespace) -> int:
 async def _encode_via_server(
     args: argparse.Namespace, audio: Audio, model: CodecModel, mode: BitrateMode
 ) -> tuple[bytes, int]:
-    session = await open_encoder(args.server, model.card.sample_rate, mode, args.api_key)
+    session = await open_encoder(
+        args.server, model.card.sample_rate, mode, args.api_key, rate_cap=args.rate_cap
+    )
     params = params_from_ready(session.ready, model.card)
     prepared = prepare_input(audio, params)
     with progress_bar(prepared.frames, "encoding (server)", quiet=args.quiet) as bar:

@@ -90,16 +90,19 @@ def _check_rate(ready: Ready, rate: int) -> None:
 
 
 async def open_encoder(
-    server: str, rate: int, mode: BitrateMode, api_key: str | None
+    server: str, rate: int, mode: BitrateMode, api_key: str | None, rate_cap: bool = False
 ) -> Session:
     """An /v1/encode session taking f32le PCM at `rate` and returning binary packets in
-    bitrate `mode` (sent exactly: codebooks and low-band layout)."""
+    bitrate `mode` (sent exactly: codebooks and low-band layout; `rate_cap`: the server
+    holds them to the mode's rate)."""
     hello: dict[str, Any] = {
         "sample_rate": rate,
         "format": "f32le",
         **mode_fields(mode),
         "tokens": "binary",
     }
+    if rate_cap:
+        hello["rate_cap"] = True
     session = await Session.open(server, "/v1/encode", hello, api_key=api_key)
     _check_rate(session.ready, rate)
     return session

@@ -119,7 +119,8 @@ class StreamJob(Job):
       straight into the decoder);
     * `rate`, `fmt`: client PCM (input of the encoder, output of the decoder);
     * `mode`: bitrate mode of encoded frames (codebooks kept, low-band layout); None: all Q
-      codebooks without low band (jobs that only decode);
+      codebooks without low band (jobs that only decode); `rate_cap`: hold the encoded
+      frames to the mode's rate (`EncoderStream(rate_cap=True)`);
     * `tokens`: how encoded frames are handed out; `stream_id`, `timestamps`: packet fields;
     * `http`: end with `Done` instead of an `end` message.
     """
@@ -135,6 +136,7 @@ class StreamJob(Job):
         rate: int,
         fmt: SampleFormat,
         mode: BitrateMode | None = None,
+        rate_cap: bool = False,
         tokens: TokenOutput,
         stream_id: int = 0,
         timestamps: bool = False,
@@ -156,6 +158,7 @@ class StreamJob(Job):
                 num_codebooks=None if mode is None else mode.num_codebooks,
                 lowband_layout=0 if mode is None else mode.lowband_layout,
                 max_buffered_ms=4 * card.frame_ms,
+                rate_cap=rate_cap,
             )
             if encode
             else None

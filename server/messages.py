@@ -117,6 +117,8 @@ class Hello:
     send: Media
     receive: Media
     name: str
+    rate_cap: bool = False
+    """Hold produced frames to the mode's nominal rate (`EncoderStream(rate_cap=True)`)."""
 
     @property
     def num_codebooks(self) -> int:
@@ -307,7 +309,7 @@ def mode_fields(mode: BitrateMode) -> dict[str, Any]:
 # ---- hello --------------------------------------------------------------------------------
 
 _PCM_FIELDS: Final = ("sample_rate", "format")
-_BITRATE_FIELDS: Final = ("bitrate_kbps", "num_codebooks", "lowband_layout")
+_BITRATE_FIELDS: Final = ("bitrate_kbps", "num_codebooks", "lowband_layout", "rate_cap")
 _ALL_FIELDS: Final = frozenset(
     {
         "type",
@@ -443,6 +445,7 @@ def parse_hello(obj: dict[str, Any], endpoint: Endpoint, card: ModelCard) -> Hel
         send=send,
         receive=receive,
         name=name,
+        rate_cap=_get_bool(obj, "rate_cap") if "rate_cap" in obj else False,
     )
 
 

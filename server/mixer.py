@@ -175,6 +175,7 @@ class RoomSenderJob(StreamJob):
         fmt: SampleFormat,
         mode: BitrateMode,
         timestamps: bool,
+        rate_cap: bool = False,
     ) -> None:
         super().__init__(
             model,
@@ -185,6 +186,7 @@ class RoomSenderJob(StreamJob):
             rate=rate,
             fmt=fmt,
             mode=mode,
+            rate_cap=rate_cap,
             tokens=TokenOutput.BINARY,
             stream_id=pid,
             timestamps=timestamps,

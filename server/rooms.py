@@ -222,6 +222,7 @@ class RoomSession(Session):
                 fmt=hello.fmt,
                 mode=hello.mode,
                 timestamps=hello.timestamps,
+                rate_cap=hello.rate_cap,
             )
             state.worker.add(self.job, near=room.mixer)  # it feeds the mixer directly
         if hello.receive is Media.PCM:

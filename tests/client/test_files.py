@@ -269,4 +269,5 @@ def test_rate_cap_option_holds_the_payload_to_the_mode_rate(
     per_frame = mode.kbps * card.frame_ms
     assert np.all(bits <= per_frame * np.arange(1, len(a) + 1) + mode.kbps * 1000.0)
     assert a != b and all(y.codes[: x.num_codebooks] == x.codes for x, y in zip(a, b, strict=True))
-    assert run("encode", loud, capped, "--rate-cap", "--server", "ws://127.0.0.1:9") == 1
+    via_http = ("--server", "http://127.0.0.1:9", "--transport", "http")
+    assert run("encode", loud, capped, "--rate-cap", *via_http) == 1

@@ -123,3 +123,21 @@ def test_server_refusal_quotes_the_close_code(
         assert ok == 0
     finally:
         keyed.stop()
+
+
+def test_rate_capped_server_encoding_equals_local(
+    tmp_path: Path, wav: Path, server: ServerThread
+) -> None:
+    """--rate-cap over WebSocket: the hello's rate_cap makes the server's encoder cap its rate
+    exactly as the local one does (same file); over HTTP it is refused with a clear error."""
+    x, rate = sf.read(wav, dtype="float32")
+    loud = tmp_path / "loud.wav"
+    sf.write(loud, np.clip(np.tile(x, 3) * 3.0, -1, 1), rate, subtype="FLOAT")
+    local, remote, plain = tmp_path / "l.csb", tmp_path / "r.csb", tmp_path / "p.csb"
+    assert run("encode", loud, local, "--kbps", "3", "--rate-cap", "-q") == 0
+    via = ("--server", server.url, "--transport", "ws")
+    assert run("encode", loud, remote, "--kbps", "3", "--rate-cap", "-q", *via) == 0
+    assert run("encode", loud, plain, "--kbps", "3", "-q", *via) == 0
+    assert remote.read_bytes() == local.read_bytes() != plain.read_bytes()
+    http = ("--server", server.url, "--transport", "http")
+    assert run("encode", loud, remote, "--kbps", "3", "--rate-cap", "-q", *http) == 1
