@@ -309,7 +309,10 @@ def mode_fields(mode: BitrateMode) -> dict[str, Any]:
 # ---- hello --------------------------------------------------------------------------------
 
 _PCM_FIELDS: Final = ("sample_rate", "format")
-_BITRATE_FIELDS: Final = ("bitrate_kbps", "num_codebooks", "lowband_layout", "rate_cap")
+_BITRATE_FIELDS: Final = ("bitrate_kbps", "num_codebooks", "lowband_layout")
+"""The mode's fields: in a hello and in `set_bitrate`."""
+_PRODUCER_FIELDS: Final = (*_BITRATE_FIELDS, "rate_cap")
+"""Fields of a hello whose session produces frames (the cap is chosen once, in the hello)."""
 _ALL_FIELDS: Final = frozenset(
     {
         "type",
@@ -322,7 +325,7 @@ _ALL_FIELDS: Final = frozenset(
         "receive",
         "name",
         *_PCM_FIELDS,
-        *_BITRATE_FIELDS,
+        *_PRODUCER_FIELDS,
     }
 )
 
@@ -330,13 +333,13 @@ _ALL_FIELDS: Final = frozenset(
 def _allowed_fields(endpoint: Endpoint, send: Media, receive: Media) -> set[str]:
     fields = {"type", "version"}
     if endpoint is Endpoint.ENCODE:
-        fields |= {*_PCM_FIELDS, *_BITRATE_FIELDS, "tokens", "timestamps", "stream_id"}
+        fields |= {*_PCM_FIELDS, *_PRODUCER_FIELDS, "tokens", "timestamps", "stream_id"}
     elif endpoint is Endpoint.DECODE:
         fields |= {*_PCM_FIELDS, "tokens"}
     elif endpoint is Endpoint.ROUNDTRIP:
         fields |= {
             *_PCM_FIELDS,
-            *_BITRATE_FIELDS,
+            *_PRODUCER_FIELDS,
             "tokens",
             "return_tokens",
             "timestamps",
@@ -347,7 +350,7 @@ def _allowed_fields(endpoint: Endpoint, send: Media, receive: Media) -> set[str]
         if Media.PCM in (send, receive):
             fields |= set(_PCM_FIELDS)
         if send is Media.PCM:
-            fields |= {*_BITRATE_FIELDS, "timestamps"}
+            fields |= {*_PRODUCER_FIELDS, "timestamps"}
     return fields
 
 

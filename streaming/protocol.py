@@ -349,10 +349,7 @@ class TokenFrame:
     lowband: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
-        codes = self.codes
-        if type(codes) is not tuple or not all(type(c) is int for c in codes):
-            codes = tuple(int(c) for c in codes)
-            object.__setattr__(self, "codes", codes)
+        codes = self._int_tuple("codes")
         n = self.num_codebooks
         if type(n) is not int or not 1 <= n <= MAX_CODEBOOKS:
             raise ValueError(f"num_codebooks must be an int in 1..{MAX_CODEBOOKS}, got {n!r}")
@@ -364,11 +361,16 @@ class TokenFrame:
             raise ValueError(f"codes must be non-negative, got {codes}")
         self._check_lowband()
 
+    def _int_tuple(self, name: str) -> tuple[int, ...]:
+        """Field `name` as a tuple of Python ints (stored back when it was not one)."""
+        values = getattr(self, name)
+        if type(values) is not tuple or not all(type(v) is int for v in values):
+            values = tuple(int(v) for v in values)
+            object.__setattr__(self, name, values)
+        return values
+
     def _check_lowband(self) -> None:
-        low = self.lowband
-        if type(low) is not tuple or not all(type(v) is int for v in low):
-            low = tuple(int(v) for v in low)
-            object.__setattr__(self, "lowband", low)
+        low = self._int_tuple("lowband")
         layout_id = self.lowband_layout
         if type(layout_id) is not int:
             if not isinstance(layout_id, (int, np.integer)) or isinstance(layout_id, bool):
@@ -404,10 +406,12 @@ class TokenFrame:
         than the checked constructor, which matters at 50 frames/s times hundreds of streams.
         """
         frame = object.__new__(cls)
-        for name, value in (("num_codebooks", num_codebooks), ("gain_index", gain_index),
-                            ("codes", codes), ("lowband_layout", lowband_layout),
-                            ("lowband", lowband)):
-            object.__setattr__(frame, name, value)
+        setattr_ = object.__setattr__
+        setattr_(frame, "num_codebooks", num_codebooks)
+        setattr_(frame, "gain_index", gain_index)
+        setattr_(frame, "codes", codes)
+        setattr_(frame, "lowband_layout", lowband_layout)
+        setattr_(frame, "lowband", lowband)
         return frame
 
     @classmethod

@@ -22,7 +22,6 @@ No I/O, no allocation per frame: the encoder stream owns one and calls `allowanc
 
 from __future__ import annotations
 
-import math
 from typing import Final
 
 from streaming.lowband import LAYOUTS, LOWBAND_LAYOUT_NONE
@@ -49,11 +48,12 @@ class BitBudget:
         self.bank_ms = bank_ms
         self.bits_per_frame = 0.0
         self.bank_bits = 0.0
-        self.credit = math.inf  # clipped to a full bucket by set_rate
+        self.credit = 0.0
         """Bits earned and not spent (0 .. bank_bits)."""
         self.trimmed = 0
-        """Frames whose low band was narrowed or left out to stay within the budget."""
+        """Frames sent with less than their mode to stay within the budget."""
         self.set_rate(kbps)
+        self.credit = self.bank_bits  # the bucket starts full
 
     def set_rate(self, kbps: float) -> None:
         """New budget from the next frame on (what was banked stays, up to the new bank)."""
@@ -67,9 +67,11 @@ class BitBudget:
         """Most bits the next frame may take: its own budget plus the banked credit."""
         return self.credit + self.bits_per_frame
 
-    def spend(self, bits: int) -> None:
-        """A frame of `bits` was sent (more than `allowance()` only for codebooks alone)."""
+    def spend(self, bits: int, trimmed: bool = False) -> None:
+        """A frame of `bits` was sent (more than `allowance()` only for codebooks alone);
+        `trimmed`: it carries less than its mode because of the budget."""
         self.credit = min(self.bank_bits, max(0.0, self.credit + self.bits_per_frame - bits))
+        self.trimmed += trimmed
 
     def reset(self) -> None:
         """A full bucket, nothing trimmed (a fresh stream)."""

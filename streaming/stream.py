@@ -124,8 +124,8 @@ class EncoderStream:
       dropped and counted in `overflow_samples`.
     * `stats`: optional shared `LatencyStats` every encoded frame is added to.
     * `rate_cap`: hold the payload to the mode's nominal bitrate (`bitrate_kbps`), with
-      bursts of at most 1 s of it, by narrowing or leaving out the low band of frames that
-      would exceed it (`streaming.ratecap.BitBudget`, counted in `frames_trimmed`).  Off by
+      bursts of at most 1 s of it: frames that would exceed it go with fewer codebooks, a
+      narrower low band or none (`streaming.ratecap.BitBudget`, counted in `frames_trimmed`).  Off by
       default: every low band goes whole and the rate follows the signal (trimming loud
       frames costs quality; for links that cannot carry a burst).
     """
@@ -243,7 +243,8 @@ class EncoderStream:
 
     @property
     def frames_trimmed(self) -> int:
-        """Frames whose low band was narrowed or left out to stay within the bitrate."""
+        """Frames sent with less than their mode (fewer codebooks, a narrower low band or none)
+        to stay within the bitrate (`rate_cap`)."""
         return self._budget.trimmed
 
     # ---- sizes ----------------------------------------------------------------------------
@@ -371,18 +372,20 @@ class EncoderStream:
     ) -> TokenFrame:
         """The frame of one encoder output row: codes [Q], gain index, shape low band [K]."""
         n = self.num_codebooks
-        card = self.card
-        codes_only = self._codes_only_bits[n]
         kept = tuple(codes[:n].tolist())
         frame: TokenFrame | None = None
         layout_id = self.lowband_layout
+        wanted = False  # a low band this frame would carry without the cap
         if layout_id != LOWBAND_LAYOUT_NONE:
-            level_db = card.gain.min_db + card.gain.step_db * gain_index
-            if level_db >= LAYOUTS[layout_id].min_level_db:  # quiet frames: no low band
-                frame = self._with_lowband(n, gain_index, kept, lowband, codes_only)
+            gain = self.card.gain
+            wanted = gain.min_db + gain.step_db * gain_index >= LAYOUTS[layout_id].min_level_db
+        if wanted:  # (quiet frames go without low band)
+            frame = (self._capped(n, gain_index, kept, lowband) if self.rate_cap
+                     else self._with_lowband(n, gain_index, kept, lowband, layout_id))
         if frame is None:
             frame = TokenFrame.trusted(n, gain_index, kept)
-            self._budget.spend(codes_only)
+            if self.rate_cap:
+                self._budget.spend(self._codes_only_bits[n], trimmed=wanted)
         record = FrameLatency(self.frames_encoded, ready, start, end, batch, self._algorithmic_ms)
         self.last_latency = record
         if self.stats is not None:
@@ -391,7 +394,15 @@ class EncoderStream:
         return frame
 
     def _with_lowband(
-        self, n: int, gain_index: int, codes: tuple[int, ...], lowband: F32, codes_only: int
+        self, n: int, gain_index: int, codes: tuple[int, ...], lowband: F32, layout_id: int
+    ) -> TokenFrame:
+        """The frame of n codebooks with low-band layout `layout_id`, quantised from `lowband`."""
+        spec = LAYOUTS[layout_id]
+        indices = quantize(lowband, spec, self._indices[: spec.bins], self._scaled[: spec.bins])
+        return TokenFrame.trusted(n, gain_index, codes, layout_id, tuple(indices.tolist()))
+
+    def _capped(
+        self, n: int, gain_index: int, codes: tuple[int, ...], lowband: F32
     ) -> TokenFrame | None:
         """The frame with the most the budget allows: the mode's layout with n codebooks, else
         with fewer (down to 1: a codebook is worth less than the low band), else each
@@ -403,17 +414,13 @@ class EncoderStream:
                                self._scaled[: spec.bins])
             low_bits = 1 + spec.coded_bits(indices)  # the layout field: 1 more bit
             k = n
-            if self.rate_cap:
-                while k >= 1 and self._codes_only_bits[k] + low_bits > allowance:
-                    k -= 1
-                if k < 1:
-                    continue
-            if k != n or layout_id != self.lowband_layout:
-                self._budget.trimmed += 1
-            self._budget.spend(self._codes_only_bits[k] + low_bits)
-            return TokenFrame.trusted(k, gain_index, codes[:k], layout_id,
-                                      tuple(indices.tolist()))
-        self._budget.trimmed += 1
+            while k >= 1 and self._codes_only_bits[k] + low_bits > allowance:
+                k -= 1
+            if k >= 1:
+                trimmed = k != n or layout_id != self.lowband_layout
+                self._budget.spend(self._codes_only_bits[k] + low_bits, trimmed)
+                return TokenFrame.trusted(k, gain_index, codes[:k], layout_id,
+                                          tuple(indices.tolist()))
         return None
 
     def __repr__(self) -> str:
