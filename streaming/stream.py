@@ -125,9 +125,9 @@ class EncoderStream:
     * `stats`: optional shared `LatencyStats` every encoded frame is added to.
     * `rate_cap`: hold the payload to the mode's nominal bitrate (`bitrate_kbps`), with
       bursts of at most 1 s of it: frames that would exceed it go with fewer codebooks, a
-      narrower low band or none (`streaming.ratecap.BitBudget`, counted in `frames_trimmed`).  Off by
-      default: every low band goes whole and the rate follows the signal (trimming loud
-      frames costs quality; for links that cannot carry a burst).
+      narrower low band or none (`streaming.ratecap.BitBudget`, counted in
+      `frames_trimmed`).  Off by default: every low band goes whole and the rate follows the
+      signal (trimming loud frames costs quality; for links that cannot carry a burst).
     """
 
     def __init__(
