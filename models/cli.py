@@ -83,8 +83,18 @@ def apply_overrides(config: object, pairs: list[str]) -> None:
         if name not in names:
             raise SystemExit(f"codec-train: unknown setting {key!r}")
         current = getattr(target, name)
-        setattr(target, name, type(current)(json.loads(value) if isinstance(current, bool)
-                                            else value))
+        if isinstance(current, bool):
+            parsed: object = bool(json.loads(value))
+        elif isinstance(current, tuple):  # JSON arrays, e.g. modes=[[2,1],[3,2]]
+            parsed = _as_tuples(json.loads(value))
+        else:
+            parsed = type(current)(value)
+        setattr(target, name, parsed)
+
+
+def _as_tuples(value: object) -> object:
+    """JSON arrays (nested) as tuples, the type of the TrainConfig fields that hold them."""
+    return tuple(_as_tuples(v) for v in value) if isinstance(value, list) else value
 
 
 def cmd_train(args: argparse.Namespace) -> None:

@@ -166,7 +166,7 @@ def fewer_codebooks(card: dict[str, Any]) -> None:
     [
         (set_("frame_size", 160), "encoder.onnx: input 'pcm' has shape"),
         (fewer_codebooks, "encoder.onnx: output 'codes' has shape"),
-        (set_("encoder.states.1.shape", [64, 5]), "encoder.onnx: input 'in_enc_block0' has shape"),
+        (set_("encoder.states.1.shape", [5, 64]), "encoder.onnx: input 'in_enc_block0' has shape"),
         (set_("decoder.states.0.name", "tail"), "missing ['in_tail']"),
         (set_("model_id", "someone-else"), f"names model '{BUNDLED_ID}' but card.json is"),
         (set_("output_delay_samples", 96), "card.json field 'output_delay_samples' is 96 but"),

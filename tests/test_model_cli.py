@@ -52,3 +52,17 @@ def test_fine_tune_records_its_origin_and_export_counts_it(clips: Path, tmp_path
     assert (training["steps"], training["run_steps"]) == (6, 4)
     assert training["lineage"] == "base 2 steps -> tuned 4 steps"
     assert card["model_id"].startswith("cs-mdct-6-")
+
+
+def test_overrides_cast_to_the_field_types() -> None:
+    from models.cli import apply_overrides
+    from models.train import TrainConfig
+
+    config = TrainConfig()
+    apply_overrides(config, ["modes=[[2, 1], [3, 2]]", "lr=1e-4", "batch=8",
+                             "codec.channels=64"])
+    assert config.modes == ((2, 1), (3, 2))
+    assert config.lr == pytest.approx(1e-4) and config.batch == 8
+    assert config.codec.channels == 64
+    with pytest.raises(SystemExit, match="unknown setting 'nope'"):
+        apply_overrides(config, ["nope=1"])
