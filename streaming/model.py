@@ -24,7 +24,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final, TypeAlias
+from typing import Any, Final, Protocol, TypeAlias
 
 import numpy as np
 import numpy.typing as npt
@@ -46,6 +46,7 @@ __all__ = [
     "ModelCard",
     "ModelError",
     "PreparedStep",
+    "StateHome",
     "StateSpec",
     "default_model_dir",
 ]
@@ -464,6 +465,13 @@ class _CardParser:
 # --------------------------------------------------------------------------------------------
 
 
+class StateHome(Protocol):
+    """Where a `GraphState` lives while a batch engine holds it (see `GraphState.settle`)."""
+
+    def release(self, state: GraphState) -> None:
+        """Copy `state`'s current value back into its own buffers and let it go."""
+
+
 class GraphState:
     """Recurrent ONNX state of ONE stream for one graph.
 
@@ -471,71 +479,96 @@ class GraphState:
     dimension, so the arrays bind directly to a B=1 step), double-buffered: `arrays` is the
     current state, `spare` the buffer the next step writes; `swap()` exchanges them.  Each
     buffer set is one contiguous row of `flat` ([2, total] float32, the arrays are views in
-    card order), so the batch engine moves a stream's whole state with one copy.  All
-    memory is allocated once; `reset()` zeroes it (the initial state of every stream is all
-    zeros).  `steps` counts the frames processed since creation or the last reset.
+    card order).  All memory is allocated once; `reset()` zeroes it (the initial state of
+    every stream is all zeros).  `steps` counts the frames processed since creation or the
+    last reset.
+
+    Between batched steps a `BatchEngine` keeps the state in a row of its own batch tensors
+    (`home`), so that consecutive steps need no copies in and out; while it does, these
+    buffers are stale.  Every access here first calls `settle()`, which has the engine copy
+    the current value back (one copy) and let the state go, so a stream can be stepped
+    alone, reset or inspected at any time.  The state of a stream held by an engine of
+    another thread must not be touched (engines and their streams are single-threaded).
     """
 
-    __slots__ = ("_cur", "_spare", "flat", "parity", "specs", "steps")
+    __slots__ = ("_cur", "_flat", "_parity", "_spare", "home", "row", "specs", "steps")
 
     def __init__(self, specs: Sequence[StateSpec]) -> None:
         self.specs: tuple[StateSpec, ...] = tuple(specs)
         total = sum(math.prod(s.shape) for s in self.specs)
-        self.flat: F32 = np.zeros((2, total), dtype=np.float32)
-        """Both buffer sets, [2, total]; row `parity` is the current state."""
-        self._cur = _views(self.flat[0], self.specs)
-        self._spare = _views(self.flat[1], self.specs)
+        self._flat: F32 = np.zeros((2, total), dtype=np.float32)
+        self._cur = _views(self._flat[0], self.specs)
+        self._spare = _views(self._flat[1], self.specs)
         self.steps = 0
-        self.parity = 0
+        self._parity = 0
+        self.home: StateHome | None = None
+        """The batch engine slots holding the current value, or None (it is here)."""
+        self.row = -1
+        """The row of `home` (meaningful only while `home` is set)."""
+
+    def settle(self) -> None:
+        """Bring the current value home from the batch engine holding it (no-op if none)."""
+        if self.home is not None:
+            self.home.release(self)
+
+    @property
+    def flat(self) -> F32:
+        """Both buffer sets, [2, total]; row `parity` is the current state."""
+        self.settle()
+        return self._flat
+
+    @property
+    def parity(self) -> int:
         """Which of the two buffer sets is current (row of `flat`); flips on swap."""
+        self.settle()
+        return self._parity
 
     @property
     def arrays(self) -> tuple[F32, ...]:
         """Current state arrays, [1, *shape] each, in card order."""
+        self.settle()
         return self._cur
 
     @property
     def spare(self) -> tuple[F32, ...]:
         """The other buffer set, written by the next unbatched step."""
+        self.settle()
         return self._spare
+
+    def current_views(self) -> tuple[F32, ...]:
+        """The current buffer set's arrays WITHOUT settling (for the engine holding it)."""
+        return self._cur
 
     def swap(self) -> None:
         """Make `spare` current (after a step wrote it) and count the step."""
+        self.settle()
         self._cur, self._spare = self._spare, self._cur
-        self.parity ^= 1
+        self._parity ^= 1
         self.steps += 1
 
     def get(self, name: str) -> F32:
         """Current value of state `name`, shape `spec.shape` (a view)."""
-        for spec, arr in zip(self.specs, self._cur, strict=True):
+        for spec, arr in zip(self.specs, self.arrays, strict=True):
             if spec.name == name:
                 view: F32 = arr[0]
                 return view
         raise KeyError(name)
 
-    def gather_into(self, packed: F32, row: int) -> None:
-        """Copy the current state into row `row` of a packed batch [B, total]."""
-        np.copyto(packed[row], self.flat[self.parity])
-
-    def scatter_from(self, packed: F32, row: int) -> None:
-        """Take row `row` of a packed batch [B, total] as the new state; count the step."""
-        np.copyto(self.flat[self.parity], packed[row])
-        self.steps += 1
-
     def reset(self) -> None:
         """Back to the initial (all-zero) state."""
-        self.flat.fill(0.0)
+        self.settle()
+        self._flat.fill(0.0)
         self.steps = 0
 
     @property
     def state_nbytes(self) -> int:
         """Bytes of one copy of the state (what a stream's recurrent state weighs)."""
-        return int(self.flat[0].nbytes)
+        return int(self._flat[0].nbytes)
 
     @property
     def nbytes(self) -> int:
         """Bytes allocated (both buffers)."""
-        return int(self.flat.nbytes)
+        return int(self._flat.nbytes)
 
 
 def _views(row: F32, specs: Sequence[StateSpec]) -> tuple[F32, ...]:

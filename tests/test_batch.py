@@ -174,3 +174,94 @@ def test_engine_with_no_due_stream_makes_no_call(model: CodecModel) -> None:
     assert engine.encode_step([EncoderStream(model)]) == [None]
     assert engine.decode_step([DecoderStream(model)]) == [False]
     assert engine.encode_batches == engine.decode_batches == 0
+
+
+def encoded_alone(model: CodecModel, audio: list[np.ndarray]) -> list[list[TokenFrame]]:
+    return [EncoderStream(model).encode(x) for x in audio]
+
+
+def test_states_stay_in_the_engine_between_steps_and_come_home_on_access(
+    model: CodecModel,
+) -> None:
+    audio = [noise(16000, 0.2, i) for i in range(3)]
+    streams = [EncoderStream(model) for _ in audio]
+    for s, x in zip(streams, audio, strict=True):
+        s.push(x)
+    engine = BatchEngine(model)
+    engine.encode_step(streams)
+    assert engine.resident == (3, 0)
+    assert all(s.state.home is not None for s in streams[1:])
+    reference = EncoderStream(model)
+    reference.push(audio[0])
+    reference.step()
+    for x, y in zip(streams[0].state.arrays, reference.state.arrays, strict=True):
+        assert_same_floats(x, y)  # read through the engine's rows, brought home
+    assert engine.resident == (2, 0) and streams[0].state.home is None
+    assert streams[0].state.steps == reference.state.steps == 1
+    engine.settle()
+    assert engine.resident == (0, 0)
+
+
+def test_full_batches_and_subsets_in_any_order_equal_streams_alone(model: CodecModel) -> None:
+    """Steps over every held stream run in place; steps over a subset, or in another order,
+    or with a stream arriving (the engine grows) go through the scratch rows."""
+    audio = [noise(16000, 0.4, i) for i in range(4)]
+    expected = encoded_alone(model, audio)
+    streams = [EncoderStream(model) for _ in audio]
+    for s, x in zip(streams, audio, strict=True):
+        s.push(x)
+    engine = BatchEngine(model, capacity=2)
+    got: list[list[TokenFrame]] = [[] for _ in streams]
+    plans = [[0, 1, 2], [2, 0, 1], [1], [0, 2], [3, 1, 0, 2], [0, 1, 2, 3], [3, 2]]
+    while any(s.pending_frames for s in streams):
+        for plan in plans:
+            listed = [streams[i] for i in plan]
+            for i, frame in zip(plan, engine.encode_step(listed), strict=True):
+                if frame is not None:
+                    got[i].append(frame)
+    assert got == expected
+    assert engine.grows >= 1
+
+
+def test_states_idle_for_a_while_are_handed_back(model: CodecModel) -> None:
+    from streaming.batch import IDLE_STEPS
+
+    quiet, busy = EncoderStream(model), EncoderStream(model)
+    x = noise(16000, 0.1, 1)
+    quiet.push(x)
+    frame = noise(16000, 0.02, 2)
+    engine = BatchEngine(model)
+
+    def step_busy(times: int) -> None:
+        for _ in range(times):
+            busy.push(frame)
+            assert engine.encode_step([busy])[0] is not None
+
+    busy.push(frame)
+    engine.encode_step([quiet, busy])
+    assert engine.resident == (2, 0)
+    step_busy(IDLE_STEPS - 1)
+    assert engine.resident == (2, 0)  # not idle long enough yet
+    step_busy(IDLE_STEPS // 4 + 1)
+    assert engine.resident == (1, 0) and quiet.state.home is None
+    assert quiet.pull() == encoded_alone(model, [x])[0][1:]
+
+
+def test_a_stream_can_move_between_engines_and_be_reset(model: CodecModel) -> None:
+    x = noise(16000, 0.3, 4)
+    expected = encoded_alone(model, [x])[0]
+    s = EncoderStream(model)
+    s.push(x)
+    first, second = BatchEngine(model), BatchEngine(model)
+    got = []
+    while s.pending_frames:
+        engine = first if len(got) % 2 else second
+        frame = engine.encode_step([s])[0]
+        assert frame is not None
+        got.append(frame)
+        assert engine.resident == (1, 0)
+    assert got == expected
+    assert first.resident[0] + second.resident[0] == 1
+    s.reset()
+    assert first.resident == second.resident == (0, 0)
+    assert all(not a.any() for a in s.state.arrays) and s.state.steps == 0
