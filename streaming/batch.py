@@ -160,6 +160,8 @@ class _Buffers:
         self._steps: dict[tuple[int, int, bool], PreparedStep] = {}
 
     def step(self, model: CodecModel, batch: int, in_place: bool) -> PreparedStep:
+        """The step over rows 0..batch-1: states from the current set (in place) or from
+        scratch, always into the other set."""
         slots = self.slots
         key = (batch, slots.cur, in_place)
         step = self._steps.get(key)
@@ -253,6 +255,8 @@ def _placement(buf: _Buffers, states: Sequence[GraphState]) -> tuple[list[int], 
 
 
 def _gather(slots: _Slots, slot_rows: I64) -> None:
+    """Before a step over a subset: the states of `slot_rows` [b] (int64) into scratch rows
+    0..b-1, one vectorised copy per state tensor."""
     for src, dst in zip(slots.current, slots.scratch, strict=True):
         np.take(src, slot_rows, axis=0, out=dst[: slot_rows.shape[0]])
 
