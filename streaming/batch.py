@@ -244,14 +244,17 @@ class _DecoderBuffers(_Buffers):
         return [self.ready, self.codes, self.counts, self.gain, self.lowband, self.mask, self.pcm]
 
 
-def _placement(buf: _Buffers, states: Sequence[GraphState]) -> tuple[list[int], bool]:
-    """(batch row of each state, in place?): in place when every resident state is due
-    (batch row = its slot row), else rows 0..b-1 in order, filled from the slots."""
+def _placement(
+    buf: _Buffers, states: Sequence[GraphState]
+) -> tuple[list[int], Sequence[int], bool]:
+    """(slot row of each state, its batch row, in place?): in place when every resident
+    state is due (batch row = slot row), else batch rows 0..b-1 in order, filled from the
+    slots.  Moves states that live elsewhere into free slot rows."""
     slots = buf.slots
-    rows = [slots.row_of(state) for state in states]
-    if len(rows) == slots.count:
-        return rows, True
-    return list(range(len(rows))), False
+    slot_rows = [slots.row_of(state) for state in states]
+    if len(slot_rows) == slots.count:
+        return slot_rows, slot_rows, True
+    return slot_rows, range(len(slot_rows)), False
 
 
 def _gather(slots: _Slots, slot_rows: I64) -> None:
@@ -367,12 +370,11 @@ class BatchEngine:
         buf = self._enc
         slots = buf.slots
         start = self.clock()
-        rows, in_place = _placement(buf, states)
+        slot_rows, rows, in_place = _placement(buf, states)
         for row, i in zip(rows, due, strict=True):
             stream = streams[i]
             buf.ready[row] = stream._take_frame(buf.pcm[row])
             buf.counts[row] = stream.num_codebooks
-        slot_rows = [state.row for state in states]
         self._run(buf, len(due), in_place, slot_rows)
         gains = buf.gain[: len(due)].tolist()
         end = self.clock()
@@ -435,12 +437,11 @@ class BatchEngine:
         self._make_room(self._dec, states)
         buf = self._dec
         start = self.clock()
-        rows, in_place = _placement(buf, states)
+        slot_rows, rows, in_place = _placement(buf, states)
         for row, i in zip(rows, due, strict=True):
             buf.ready[row] = streams[i]._take_frame(
                 buf.codes[row], buf.counts, buf.gain, buf.lowband[row], buf.mask[row], row
             )
-        slot_rows = [state.row for state in states]
         self._run(buf, len(due), in_place, slot_rows)
         end = self.clock()
         for row, i in zip(rows, due, strict=True):
