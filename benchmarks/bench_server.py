@@ -75,6 +75,19 @@ def http_get(url: str, timeout: float = 2.0) -> str:
         return body.decode()
 
 
+def descendants(pid: int) -> list[int]:
+    """Live child processes of `pid`, recursively (Linux /proc/PID/task/TID/children)."""
+    found: list[int] = []
+    for children in Path(f"/proc/{pid}/task").glob("*/children"):
+        try:
+            kids = [int(x) for x in children.read_text().split()]
+        except (OSError, ValueError):
+            continue
+        for kid in kids:
+            found += [kid, *descendants(kid)]
+    return found
+
+
 class ServerProcess:
     """`python -m server` in a subprocess on a free loopback port."""
 
@@ -128,12 +141,17 @@ class ServerProcess:
         return out
 
     def cpu_seconds(self) -> float | None:
-        """user + system CPU time of the server process (Linux /proc), s."""
-        try:
-            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        except (OSError, ValueError, IndexError):
-            return None
+        """user + system CPU time of the server process and of its live child processes (the
+        engine processes), s (Linux /proc)."""
+        total = 0.0
+        for pid in (self.proc.pid, *descendants(self.proc.pid)):
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            except (OSError, ValueError, IndexError):
+                if pid == self.proc.pid:
+                    return None
+        return total
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -247,6 +265,7 @@ def server_defaults() -> dict[str, Any]:
 
     d = Settings()
     return {
+        "engine_processes": d.engine_process_count,
         "engine_workers": d.engine_workers,
         "engine_threads": d.engine_threads,
         "batch_window_ms": d.batch_window_ms,
@@ -321,15 +340,17 @@ def markdown(result: dict[str, Any]) -> str:
         "25 ms algorithmic latency). Sustained: p99 <= 20 ms and <= 1 % of frames over 20 ms. "
         "Server columns from its /metrics: late frames, streams per ONNX call, time of a batched "
         "step and the mean engine queueing per frame (batching window included); CPU from /proc "
-        "(100 % = one core; the engine figure sums the engine threads).",
+        "(100 % = one core; server = its process and its engine processes; the engine figure "
+        "sums the engine threads, wherever they run).",
         "",
         "**Caveats**: the clients run on the same machine (one Python process, competing with "
-        "the server for the CPU), the machine was shared with a training job, and the model is "
-        f"{model_text}; numbers will be re-measured.",
+        "the server for the CPU: their share is in the last column), the model is "
+        f"{model_text}, and this host's speed varies by up to 2x between days: compare only "
+        "rows of one run.",
         "",
         "| sessions | round trip p50 | p90 | p99 | max | late (> 20 ms) | server late | mean batch "
-        "| batched step | engine queue | server CPU (engine thread) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| batched step | engine queue | server CPU (engine) | clients CPU |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["levels"]:
         cpu = "-"
@@ -339,7 +360,8 @@ def markdown(result: dict[str, Any]) -> str:
             f"| {r['sessions']} | {r['p50_ms']:.1f} ms | {r['p90_ms']:.1f} ms | "
             f"{r['p99_ms']:.1f} ms | {r['max_ms']:.0f} ms | {100 * r['late_fraction']:.2f} % | "
             f"{r['server_late_frames']:.0f} | {r['mean_batch_encode']:.1f} | "
-            f"{r['mean_compute_ms']:.2f} ms | {r['mean_queue_ms']:.2f} ms | {cpu} |"
+            f"{r['mean_compute_ms']:.2f} ms | {r['mean_queue_ms']:.2f} ms | {cpu} | "
+            f"{r['client_cpu_percent']:.0f} % |"
         )
     best = result["max_sustained_sessions"]
     lines += [
@@ -356,20 +378,28 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def engine_text(result: dict[str, Any]) -> str:
-    """The server's engine settings of a run, e.g. `2 engine workers, 6 ms batching window`."""
+    """The server's engine settings of a run, e.g. `2 engine processes, 6 ms batching
+    window`."""
     d = dict(result.get("server_defaults") or {})
-    args = list(result.get("server_args") or [])
-    flags = (("--engine-workers", "engine_workers"), ("--batch-window-ms", "batch_window_ms"))
+    args = [part for arg in result.get("server_args") or [] for part in arg.split("=", 1)]
+    flags = (
+        ("--engine-processes", "engine_processes"),
+        ("--engine-workers", "engine_workers"),
+        ("--batch-window-ms", "batch_window_ms"),
+    )
     for flag, key in flags:
         if flag in args and args.index(flag) + 1 < len(args):
             d[key] = args[args.index(flag) + 1]
     if not d:
         return "default settings"
-    extra = f" (arguments {' '.join(args)})" if args else ""
-    return (
-        f"engine workers {d.get('engine_workers', '?')}, "
-        f"{float(d.get('batch_window_ms', 0)):g} ms batching window{extra}"
+    extra = f" (arguments {' '.join(result.get('server_args') or [])})" if args else ""
+    processes = int(d.get("engine_processes", 0))
+    where = (
+        f"{processes} engine process{'es' if processes != 1 else ''}"
+        if processes
+        else f"{d.get('engine_workers', '?')} engine thread(s) in the server process"
     )
+    return f"{where}, {float(d.get('batch_window_ms', 0)):g} ms batching window{extra}"
 
 
 def write_section(path: Path, section: str) -> None:

@@ -90,8 +90,17 @@ async def _start(settings: Settings, metrics: Metrics) -> AppState:
         metrics,
         workers=settings.engine_workers,
         batch_window_s=settings.batch_window_ms / 1000.0,
+        processes=settings.engine_process_count,
+        model_dir=settings.model_dir,
+        engine_threads=settings.engine_threads,
+        switch_interval_ms=settings.switch_interval_ms,
     )
     worker.start(asyncio.get_running_loop())
+    try:
+        await worker.ready()
+    except RuntimeError:
+        await asyncio.to_thread(worker.stop)
+        raise
     metrics.add_latency_source(worker.latency_summary)
     state = AppState(settings, model, worker, metrics, RoomRegistry(metrics))
     log.info(

@@ -8,6 +8,11 @@ next to another job it shares state with (`near`: a room's PCM senders feed its 
 directly, so they must run on the mixer's thread).  Outputs of all workers reach the loop
 through one shared `Delivery`.
 
+With `processes` > 0 the pool also runs that many engine processes
+(`server.engine_process`): `stream_job` then hands the WebSocket stream sessions a
+`RemoteJob` that goes to the process with the fewest jobs, and the threads keep the rooms and
+HTTP file jobs.
+
 The pool has the `EngineWorker` interface the sessions use (`add`, `remove`, `submit`,
 `alive`, `start`, `stop`, `latency_summary`), so the rest of the server does not care how
 many workers there are.
@@ -17,8 +22,11 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 
-from server.engine_worker import Delivery, EngineWorker, Job
+from server.engine_process import ProcessWorker, RemoteJob
+from server.engine_worker import Delivery, EngineWorker, Job, JobHost, Sink
+from server.jobs import StreamJobSpec
 from server.metrics import Metrics
 from streaming.latency import LatencyStats
 from streaming.model import CodecModel
@@ -30,7 +38,9 @@ __all__ = ["EnginePool"]
 class EnginePool:
     """`workers` engine threads sharing `model` (see the module docstring).
 
-    `capacity`, `batch_window_s` and `clock` are passed to every `EngineWorker`.
+    `capacity`, `batch_window_s` and `clock` are passed to every `EngineWorker`;
+    `processes` engine processes load the model from `model_dir` (None: the bundled one) with
+    `engine_threads` onnxruntime threads each.
     """
 
     def __init__(
@@ -42,9 +52,15 @@ class EnginePool:
         capacity: int = 64,
         batch_window_s: float = 0.0,
         clock: Clock = time.perf_counter,
+        processes: int = 0,
+        model_dir: Path | None = None,
+        engine_threads: int = 1,
+        switch_interval_ms: float = 1.0,
     ) -> None:
         if workers < 1:
             raise ValueError("workers must be >= 1")
+        if processes < 0:
+            raise ValueError("processes must be >= 0")
         self.model = model
         self.metrics = metrics
         self.delivery = Delivery()
@@ -60,8 +76,21 @@ class EnginePool:
             )
             for i in range(workers)
         )
-        self._load = [0] * workers  # jobs per worker (loop side)
-        self._index = {w: i for i, w in enumerate(self.workers)}
+        self.processes: tuple[ProcessWorker, ...] = tuple(
+            ProcessWorker(
+                model_dir,
+                metrics,
+                threads=engine_threads,
+                capacity=capacity,
+                batch_window_s=batch_window_s,
+                switch_interval_ms=switch_interval_ms,
+                name=f"codecstream-engine-process-{i}",
+            )
+            for i in range(processes)
+        )
+        self._load: dict[JobHost, int] = dict.fromkeys(self.workers, 0)
+        self._load.update(dict.fromkeys(self.processes, 0))
+        """Jobs per worker (loop side)."""
 
     # ---- life cycle -----------------------------------------------------------------------
 
@@ -70,29 +99,54 @@ class EnginePool:
         self.delivery.loop = loop
         for worker in self.workers:
             worker.start(loop)
+        for process in self.processes:
+            process.start(loop)
+
+    async def ready(self, timeout: float = 60.0) -> None:
+        """Wait until every engine process has loaded the model (RuntimeError if one fails)."""
+        for process in self.processes:
+            await process.ready(timeout)
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop every worker (each finishes its tick); wait up to `timeout` s in all."""
         for worker in self.workers:  # all at once, then wait for each
             worker.request_stop()
+        for process in self.processes:
+            process.request_stop()
         deadline = time.monotonic() + timeout
         for worker in self.workers:
             worker.stop(max(deadline - time.monotonic(), 0.0))
+        for process in self.processes:
+            process.stop(max(deadline - time.monotonic(), 0.1))
 
     @property
     def alive(self) -> bool:
-        """Every worker runs and has looped within the last 5 s."""
-        return all(worker.alive for worker in self.workers)
+        """Every worker runs and has looped (processes: reported) within the last 5 s."""
+        return all(worker.alive for worker in self.workers) and all(
+            process.alive for process in self.processes
+        )
 
     # ---- jobs (loop side) -----------------------------------------------------------------
 
+    def stream_job(self, spec: StreamJobSpec, sink: Sink) -> Job:
+        """The job of a WebSocket stream session: remote when the pool has engine
+        processes, else built here (for a thread worker).  Hand it to `add`."""
+        if self.processes:
+            return RemoteJob(spec, sink)
+        return spec.build(self.model, sink)
+
     def add(self, job: Job, *, near: Job | None = None) -> None:
-        """Hand `job` to the least loaded worker, or to the worker of `near`."""
+        """Hand `job` to the least loaded worker of its kind (a `RemoteJob` to a process,
+        any other job to a thread), or to the worker of `near`."""
+        worker: JobHost
         if near is not None and near.home is not None:
             worker = near.home
         else:
-            worker = self.workers[min(range(len(self._load)), key=self._load.__getitem__)]
-        self._load[self._index[worker]] += 1
+            hosts: tuple[JobHost, ...] = (
+                self.processes if isinstance(job, RemoteJob) else self.workers
+            )
+            worker = min(hosts, key=self._load.__getitem__)
+        self._load[worker] += 1
         worker.add(job)
 
     def remove(self, job: Job) -> None:
@@ -100,7 +154,7 @@ class EnginePool:
         worker = job.home
         if worker is None:
             return
-        self._load[self._index[worker]] -= 1
+        self._load[worker] -= 1
         worker.remove(job)
 
     def submit(self, job: Job, item: object) -> None:
@@ -114,7 +168,8 @@ class EnginePool:
     def latency_summary(self) -> dict[str, dict[str, float]]:
         """{"encode"|"decode": LatencyStats.summary()} over every worker, since start."""
         encode, decode = LatencyStats(), LatencyStats()
-        for worker in self.workers:
-            encode.merge(worker.encode_stats)
-            decode.merge(worker.decode_stats)
+        sources: list[EngineWorker | ProcessWorker] = [*self.workers, *self.processes]
+        for source in sources:
+            encode.merge(source.encode_stats)
+            decode.merge(source.decode_stats)
         return {"encode": encode.summary(), "decode": decode.summary()}

@@ -55,7 +55,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from server.codes import CloseCode
 from server.metrics import Metrics
@@ -65,7 +65,16 @@ from streaming.model import CodecModel
 from streaming.protocol import TokenFrame
 from streaming.stream import Clock, DecoderStream, EncoderStream
 
-__all__ = ["TARGET_FRACTION", "Delivery", "EngineWorker", "Fatal", "Job", "Out", "Sink"]
+__all__ = [
+    "TARGET_FRACTION",
+    "Delivery",
+    "EngineWorker",
+    "Fatal",
+    "Job",
+    "JobHost",
+    "Out",
+    "Sink",
+]
 
 log = logging.getLogger("codecstream.engine")
 
@@ -114,6 +123,15 @@ Sink = Callable[[list[Any]], None]
 """Receives a job's outputs of one tick, on the event loop."""
 
 
+class JobHost(Protocol):
+    """What runs jobs, as the pool sees it: an `EngineWorker` thread or an engine process
+    (`server.engine_process.ProcessWorker`)."""
+
+    def add(self, job: Job) -> None: ...
+    def remove(self, job: Job) -> None: ...
+    def submit(self, job: Job, item: object) -> None: ...
+
+
 class Job:
     """Engine-side half of a session.
 
@@ -135,7 +153,7 @@ class Job:
         self.late_frames = 0
         self.worker: EngineWorker | None = None
         """The worker running the job (None once it left)."""
-        self.home: EngineWorker | None = None
+        self.home: JobHost | None = None
         """The worker the job was added to (routes `submit`; stays set after removal)."""
 
     # ---- hooks (worker thread) ------------------------------------------------------------
@@ -318,8 +336,9 @@ class EngineWorker:
 
     # ---- life cycle (loop side) -----------------------------------------------------------
 
-    def start(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Start the thread; outputs are delivered on `loop`."""
+    def start(self, loop: asyncio.AbstractEventLoop | None) -> None:
+        """Start the thread; outputs are delivered on `loop` (None: the delivery needs no
+        loop, as in an engine process: `server.engine_process`)."""
         if self._thread is not None:
             raise RuntimeError("EngineWorker already started")
         self._loop = loop
@@ -369,6 +388,12 @@ class EngineWorker:
         """Queue `item` for `job.on_input` (thread-safe, never blocks), stamped now."""
         self._post(job, item)
 
+    def submit_at(self, job: Job, item: object, now: float) -> None:
+        """`submit` with the arrival time given: `now` (s, this worker's clock, which must be
+        `time.perf_counter`'s system-wide monotonic clock when another process stamped it)."""
+        self._inbox.append((job, item, now))
+        self._wake.set()
+
     def _post(self, job: Job | None, item: object) -> None:
         self._inbox.append((job, item, self.clock()))
         self._wake.set()
@@ -405,7 +430,7 @@ class EngineWorker:
                 waited = False
                 self._backlog = self._tick()
                 if not self._backlog:
-                    self._wake.wait(self._idle_wait())
+                    self._wait_input(self._idle_wait())
         except BaseException:  # pragma: no cover - a bug in the worker itself
             log.exception("engine worker crashed")
         finally:
@@ -419,6 +444,18 @@ class EngineWorker:
             for job in jobs:
                 job.emit(fatal)
             self._deliver(jobs)
+
+    def _wait_input(self, timeout: float) -> None:
+        """Sleep until new input (`_wake`) or `timeout` s (an engine process waits on its
+        pipe instead)."""
+        self._wake.wait(timeout)
+
+    def run_here(self) -> None:
+        """Run the worker loop in the calling thread until stopped (engine processes; a
+        server's workers run in their own thread: `start`)."""
+        self.heartbeat = self.clock()
+        self.metrics.engine_alive.set(1)
+        self._run()
 
     def _window_wait(self) -> float:
         """Seconds to wait for more streams before the next step (0: step now).

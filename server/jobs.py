@@ -31,8 +31,8 @@ import numpy.typing as npt
 
 from server.engine_worker import Job, Out, Sink
 from server.messages import clock_us, mode_fields, to_text
-from streaming.framing import SampleFormat
-from streaming.model import BitrateMode, CodecModel
+from streaming.framing import Resampler, SampleFormat
+from streaming.model import BitrateMode, CodecModel, ModelCard
 from streaming.protocol import (
     PACKET_HEADER_SIZE,
     PacketTimes,
@@ -51,6 +51,7 @@ __all__ = [
     "PcmChunk",
     "SetMode",
     "StreamJob",
+    "StreamJobSpec",
     "TokenOutput",
 ]
 
@@ -98,6 +99,51 @@ class TokenOutput(Enum):
     """`TokenFrame` objects (HTTP jobs)."""
     NONE = "none"
     """Not handed out (roundtrip without return_tokens)."""
+
+
+@dataclass(frozen=True, slots=True)
+class StreamJobSpec:
+    """Everything a `StreamJob` is built from but the model and the sink (picklable: an engine
+    process builds the job from it, server.engine_process).  Fields as in `StreamJob`."""
+
+    endpoint: str
+    encode: bool
+    decode: bool
+    rate: int
+    fmt: SampleFormat
+    tokens: TokenOutput
+    mode: BitrateMode | None = None
+    rate_cap: bool = False
+    stream_id: int = 0
+    timestamps: bool = False
+
+    def build(self, model: CodecModel, sink: Sink) -> StreamJob:
+        """The job, with its streams."""
+        return StreamJob(
+            model,
+            sink,
+            endpoint=self.endpoint,
+            encode=self.encode,
+            decode=self.decode,
+            rate=self.rate,
+            fmt=self.fmt,
+            mode=self.mode,
+            rate_cap=self.rate_cap,
+            tokens=self.tokens,
+            stream_id=self.stream_id,
+            timestamps=self.timestamps,
+        )
+
+    def algorithmic_latency_ms(self, card: ModelCard) -> float:
+        """Delay the job's streams add by construction, ms (encoder: one frame + input
+        resampling; decoder: the card's output delay + output resampling), as the streams
+        report it, without building them."""
+        total = 0.0
+        if self.encode:
+            total += card.frame_ms + Resampler(self.rate, card.sample_rate).delay_ms
+        if self.decode:
+            total += card.output_delay_ms + Resampler(card.sample_rate, self.rate).delay_ms
+        return round(total, 4)
 
 
 class _Drain:

@@ -136,6 +136,22 @@ class BatchHistogram(Collector):
             counts[bisect_left(self._bounds, value)] += n
             total[0] += value * n
 
+    def snapshot(self) -> dict[str, tuple[list[int], float]]:
+        """{label: (counts per bucket incl. +Inf, sum)}: cumulative, a copy."""
+        with self._lock:
+            return {k: (list(c), t[0]) for k, (c, t) in self._series.items()}
+
+    def add_counts(self, label: str, counts: Sequence[int], total: float) -> None:
+        """Add per-bucket `counts` (this histogram's buckets, +Inf last) and `total` under
+        `label`: the increments of another process's histogram (server.engine_process)."""
+        if len(counts) != len(self._bounds) + 1:
+            raise ValueError(f"{len(counts)} bucket counts for {len(self._bounds) + 1} buckets")
+        with self._lock:
+            mine, sum_ = self._get(label)
+            for i, n in enumerate(counts):
+                mine[i] += n
+            sum_[0] += total
+
     def collect(self) -> Iterable[Metric]:
         family = HistogramMetricFamily(self.name, self.documentation, labels=[self.label])
         with self._lock:

@@ -36,8 +36,8 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from server.auth import Lease
 from server.codes import CloseCode, SessionError, close_reason, protocol_error_close
-from server.engine_worker import Fatal, Out
-from server.jobs import EndMark, FlushMark, SetMode, StreamJob, TokenOutput
+from server.engine_worker import Fatal, Job, Out
+from server.jobs import EndMark, FlushMark, SetMode, StreamJobSpec, TokenOutput
 from server.messages import (
     PROTOCOL_VERSION,
     Control,
@@ -406,7 +406,7 @@ class StreamSession(Session):
     def __init__(self, state: AppState, ws: WebSocket, lease: Lease, endpoint: Endpoint) -> None:
         self.endpoint = endpoint
         super().__init__(state, ws, lease)
-        self.job: StreamJob | None = None
+        self.job: Job | None = None
         self.stream_id = 0
         self._submitted_ms = 0.0
         self._done_ms = 0.0
@@ -422,9 +422,7 @@ class StreamSession(Session):
             tokens = TokenOutput(hello.tokens.value)
         else:
             tokens = TokenOutput.NONE
-        job = StreamJob(
-            state.model,
-            self._sink,
+        spec = StreamJobSpec(
             endpoint=endpoint.value,
             encode=endpoint is not Endpoint.DECODE,
             decode=endpoint is not Endpoint.ENCODE,
@@ -436,25 +434,17 @@ class StreamSession(Session):
             stream_id=self.stream_id,
             timestamps=hello.timestamps,
         )
+        job = state.worker.stream_job(spec, self._sink)
         ready = self._ready_fields(hello)
         ready.update(
             stream_id=self.stream_id,
             tokens=hello.tokens.value,
             return_tokens=hello.return_tokens,
-            algorithmic_latency_ms=self._latency_ms(job),
+            algorithmic_latency_ms=spec.algorithmic_latency_ms(self.card),
         )
         await self.ws.send_text(to_text(ready))
         self.job = job
         state.worker.add(job)
-
-    @staticmethod
-    def _latency_ms(job: StreamJob) -> float:
-        total = 0.0
-        if job.encoder is not None:
-            total += job.encoder.algorithmic_delay_ms
-        if job.decoder is not None:
-            total += job.decoder.algorithmic_delay_ms
-        return round(total, 4)
 
     def _submit(self, item: object) -> None:
         assert self.job is not None

@@ -39,6 +39,10 @@ class SettingsError(ValueError):
     """A setting has an invalid value (names the variable or flag and the value)."""
 
 
+MAX_AUTO_PROCESSES: Final = 8
+"""Most engine processes `engine_processes=auto` starts (each holds its own model copy)."""
+
+
 def _meta(env: str, help_text: str, parse: Callable[[str], Any] | None = None) -> dict[str, Any]:
     return {"env": ENV_PREFIX + env, "help": help_text, "parse": parse}
 
@@ -62,6 +66,27 @@ def _positive_int(raw: str) -> int:
     if value < 1:
         raise ValueError(f"must be >= 1, got {raw}")
     return value
+
+
+def _non_negative_int(raw: str) -> int:
+    value = int(raw)
+    if value < 0:
+        raise ValueError(f"must be >= 0, got {raw}")
+    return value
+
+
+def _processes(raw: str) -> int | None:
+    return None if raw.strip().lower() == "auto" else _non_negative_int(raw)
+
+
+def auto_engine_processes() -> int:
+    """`engine_processes` 'auto': the CPU cores this process may run on but one (left to the
+    event loop), at least 1 and at most `MAX_AUTO_PROCESSES`."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(cores - 1, MAX_AUTO_PROCESSES))
 
 
 def _port(raw: str) -> int:
@@ -133,6 +158,17 @@ class Settings:
             "engine threads, each stepping its share of the sessions (onnxruntime runs them "
             "in parallel)",
             _positive_int,
+        ),
+    )
+    engine_processes: int | None = field(
+        default=None,
+        metadata=_meta(
+            "ENGINE_PROCESSES",
+            "engine processes stepping the encode/decode/roundtrip sessions on other cores: "
+            "'auto' = one per available CPU core but one (left to the event loop), 1 to "
+            f"{MAX_AUTO_PROCESSES}; 0 = in the engine threads of the server process (rooms and "
+            "HTTP file jobs always are)",
+            _processes,
         ),
     )
     switch_interval_ms: float = field(
@@ -286,6 +322,13 @@ class Settings:
         return {k: (self.max_sessions_per_key if v is None else v) for k, v in raw.items()}
 
     @property
+    def engine_process_count(self) -> int:
+        """Engine processes to start: `engine_processes`, or the 'auto' count."""
+        if self.engine_processes is None:
+            return auto_engine_processes()
+        return self.engine_processes
+
+    @property
     def auth_enabled(self) -> bool:
         """True when at least one API key is configured."""
         return bool(self.api_keys) or self.api_keys_file is not None
@@ -328,7 +371,8 @@ def build_parser(prog: str = "codec-server") -> argparse.ArgumentParser:
             _flag(f.name),
             dest=f.name,
             metavar=f.name.upper(),
-            help=f"{f.metadata['help']} (env {f.metadata['env']}, default {_show(default)})",
+            help=f"{f.metadata['help']} (env {f.metadata['env']}, default "
+            f"{'auto' if f.name == 'engine_processes' else _show(default)})",
         )
     return parser
 

@@ -100,7 +100,9 @@ async def settle(server: ServerThread, active: int = 0, timeout: float = 5.0) ->
 
 def start_server(**overrides: Any) -> ServerThread:
     """A fresh server with `Settings(**overrides)` (caller stops it)."""
-    return ServerThread(Settings(**{"log_level": "warning", **overrides})).start()
+    return ServerThread(
+        Settings(**{"log_level": "warning", "engine_processes": 1, **overrides})
+    ).start()
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,477 @@
+"""Engine processes: the stream sessions' engine work on other cores.
+
+The server process runs the event loop (WebSockets, HTTP) and by default the engine in
+threads (`server.engine_worker`).  onnxruntime releases the GIL, but the Python around it
+(framing, states, packets) does not: at ~35 round-trip sessions the engine thread is busy
+nearly all the time (about 60 % inside onnxruntime, the rest glue taking turns with the
+event loop), so one server process is one core.  With `engine_processes` = N > 0 the
+WebSocket stream sessions (encode, decode, roundtrip) run in N child processes instead, each
+an `EngineWorker` with its own copy of the model (~10 MB) and `BatchEngine`: the engine uses
+as many cores as there are processes and the event loop keeps its own.  Rooms (a mixer and
+its PCM senders share state) and HTTP file jobs stay on the in-process workers.
+
+On the loop side a session gets a `RemoteJob` (the `StreamJobSpec` the child builds its
+`StreamJob` from, and the session's sink) and talks to it through `ProcessWorker`, which has
+the interface of `EngineWorker` the pool uses (`add`, `remove`, `submit`, `start`, `stop`,
+`alive`).  Two one-way pipes (`multiprocessing` connections, pickled tuples) carry:
+
+* parent -> child: ``("ops", [op, ...])`` with op ``("add", id, spec)``,
+  ``("in", id, item, t)`` or ``("remove", id)``, in the order the loop issued them (one
+  message per loop iteration at most: `submit` queues, a `call_soon` flushes); ``("stop",)``;
+* child -> parent: ``("ready", pid)``; ``("out", [(id, [output, ...]), ...])`` once per tick
+  (the outputs of `StreamJob`: `Out`, `Fatal`); ``("stats", {...})`` every 0.5 s: the
+  child's cumulative frame counters, histograms and `LatencyStats`, which the parent adds to
+  its own metrics as increments (so `/metrics` is one view of all processes), and a
+  heartbeat for `alive`.
+
+Arrival times cross the pipe as `time.perf_counter()` stamps taken on the loop: on Linux that
+clock is CLOCK_MONOTONIC, the same in every process, so queueing times include the hop.  A
+child that dies (crash, kill) fails its sessions with close code 1011; a session never
+touches another's state in either process.  Children ignore SIGINT (the parent stops them)
+and exit when the parent's pipe closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import multiprocessing
+import multiprocessing.connection
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Final
+
+from server.codes import CloseCode
+from server.engine_worker import Delivery, EngineWorker, Fatal, Job, Out, Sink
+from server.jobs import StreamJobSpec
+from server.metrics import Metrics
+from streaming.latency import LatencyStats
+from streaming.model import CodecModel
+
+__all__ = ["ProcessWorker", "RemoteJob"]
+
+log = logging.getLogger("codecstream.engine")
+
+_STATS_PERIOD_S: Final = 0.5
+"""How often a child reports its metrics (and so proves it is alive)."""
+_ALIVE_S: Final = 5.0
+"""A child silent for longer is not alive (readiness fails)."""
+_COUNTERS: Final = ("frames_encoded", "frames_decoded", "frames_late", "engine_ticks",
+                    "engine_cpu")
+_HISTOGRAMS: Final = ("batch_size", "queue_seconds", "compute_seconds")
+
+Connection = multiprocessing.connection.Connection
+
+
+class RemoteJob(Job):
+    """Loop-side stand-in of a `StreamJob` stepped in an engine process (`spec` builds it
+    there).  Its hooks never run here; `sink` receives the child's outputs on the loop."""
+
+    def __init__(self, spec: StreamJobSpec, sink: Sink) -> None:
+        super().__init__(sink)
+        self.spec = spec
+        self.endpoint = spec.endpoint
+        self.job_id = -1
+        """Id of the job on its process (set by `ProcessWorker.add`)."""
+
+
+class ProcessWorker:
+    """One engine process and the loop side of its pipes (see the module docstring).
+
+    * `model_dir`: the model the child loads (None: the bundled one);
+    * `metrics`: the server's metrics, which the child's are added to;
+    * `threads`: onnxruntime intra-op threads in the child; `capacity`, `batch_window_s`:
+      as for `EngineWorker`; `switch_interval_ms`: the child's `sys.setswitchinterval`.
+    """
+
+    def __init__(
+        self,
+        model_dir: Path | None,
+        metrics: Metrics,
+        *,
+        threads: int = 1,
+        capacity: int = 64,
+        batch_window_s: float = 0.0,
+        switch_interval_ms: float = 1.0,
+        name: str = "codecstream-engine-process",
+    ) -> None:
+        self.model_dir = model_dir
+        self.metrics = metrics
+        self.name = name
+        self._config = (threads, capacity, batch_window_s, switch_interval_ms)
+        self.encode_stats = LatencyStats()
+        self.decode_stats = LatencyStats()
+        self.heartbeat = -math.inf
+        self.pid: int | None = None
+        self._jobs: dict[int, RemoteJob] = {}
+        self._next_id = 0
+        self._ops: list[tuple[Any, ...]] = []
+        self._flush_scheduled = False
+        self._send_lock = threading.Lock()
+        self._seen_counters: dict[tuple[str, str], float] = {}
+        self._seen_histograms: dict[tuple[str, str], tuple[list[int], float]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._process: multiprocessing.process.BaseProcess | None = None
+        self._to_child: Connection | None = None
+        self._from_child: Connection | None = None
+        self._ready = asyncio.Event()
+        self._stopping = False
+        self.exited = False
+        """True once the child is gone (stopped or died)."""
+
+    # ---- life cycle (loop side) -----------------------------------------------------------
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Spawn the child; its messages are read on `loop` (`ready` waits for it)."""
+        if self._process is not None:
+            raise RuntimeError("ProcessWorker already started")
+        context = multiprocessing.get_context("spawn")  # the parent has threads: no fork
+        from_child, child_out = context.Pipe(duplex=False)
+        child_in, to_child = context.Pipe(duplex=False)
+        process = context.Process(
+            target=child_main,
+            args=(self.model_dir, *self._config, child_in, child_out, self.name),
+            name=self.name,
+            daemon=True,
+        )
+        process.start()
+        child_in.close()
+        child_out.close()
+        self._process, self._to_child, self._from_child = process, to_child, from_child
+        self._loop = loop
+        loop.add_reader(from_child.fileno(), self._on_readable)
+
+    async def ready(self, timeout: float) -> None:
+        """Wait until the child has loaded the model (RuntimeError after `timeout` s or if
+        it exits first)."""
+        try:
+            await asyncio.wait_for(self._ready.wait(), timeout)
+        except TimeoutError:
+            raise RuntimeError(f"{self.name} not ready after {timeout:.0f} s") from None
+        if self.exited:
+            raise RuntimeError(f"{self.name} exited while loading the model")
+
+    def request_stop(self) -> None:
+        """Ask the child to finish its tick, fail its sessions with 1001 and exit."""
+        if self._stopping or self._to_child is None:
+            return
+        self._stopping = True
+        self._flush()
+        with contextlib.suppress(OSError, ValueError):
+            self._send(("stop",))
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop the child; wait up to `timeout` s, then kill it (any thread)."""
+        self.request_stop()
+        process = self._process
+        if process is None:
+            return
+        process.join(timeout)
+        if process.is_alive():
+            log.warning("%s did not stop in %.1f s: killing it", self.name, timeout)
+            process.kill()
+            process.join(1.0)
+        self.exited = True
+
+    @property
+    def alive(self) -> bool:
+        """The child runs, is ready and reported within the last 5 s."""
+        process = self._process
+        return (
+            process is not None
+            and not self.exited
+            and not self._stopping
+            and self._ready.is_set()
+            and process.is_alive()
+            and time.monotonic() - self.heartbeat < _ALIVE_S
+        )
+
+    # ---- jobs (loop side) -----------------------------------------------------------------
+
+    def add(self, job: Job) -> None:
+        """Build `job` (a `RemoteJob`) in the child."""
+        if not isinstance(job, RemoteJob):
+            raise TypeError("an engine process runs RemoteJobs only")
+        job.job_id = self._next_id
+        self._next_id += 1
+        job.home = self
+        self._jobs[job.job_id] = job
+        self._queue(("add", job.job_id, job.spec))
+
+    def remove(self, job: Job) -> None:
+        """Drop the job in the child; its outputs still in flight are discarded."""
+        if isinstance(job, RemoteJob) and self._jobs.pop(job.job_id, None) is not None:
+            self._queue(("remove", job.job_id))
+
+    def submit(self, job: Job, item: object) -> None:
+        """Queue `item` for the job, stamped now (sent at the end of this loop iteration)."""
+        if isinstance(job, RemoteJob) and job.job_id in self._jobs:
+            self._queue(("in", job.job_id, item, time.perf_counter()))
+
+    @property
+    def jobs(self) -> int:
+        """Jobs on this process now."""
+        return len(self._jobs)
+
+    def _queue(self, op: tuple[Any, ...]) -> None:
+        self._ops.append(op)
+        if not self._flush_scheduled and self._loop is not None:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        ops, self._ops = self._ops, []
+        if ops and not self.exited:
+            try:
+                self._send(("ops", ops))
+            except (OSError, ValueError):  # the child is gone: the reader reports it
+                log.warning("%s: pipe closed, %d messages dropped", self.name, len(ops))
+
+    def _send(self, message: tuple[Any, ...]) -> None:
+        connection = self._to_child
+        if connection is None:
+            return
+        with self._send_lock:
+            connection.send(message)
+
+    # ---- messages from the child (loop) ---------------------------------------------------
+
+    def _on_readable(self) -> None:
+        connection = self._from_child
+        if connection is None:
+            return
+        try:
+            while connection.poll():
+                self._handle(connection.recv())
+        except (EOFError, OSError):
+            self._exited()
+
+    def _handle(self, message: tuple[Any, ...]) -> None:
+        kind = message[0]
+        if kind == "out":
+            for job_id, items in message[1]:
+                job = self._jobs.get(job_id)
+                if job is None:
+                    continue  # removed meanwhile
+                try:
+                    job.sink(items)
+                except Exception:
+                    log.exception("session sink failed")
+        elif kind == "stats":
+            self._apply_stats(message[1])
+        elif kind == "ready":
+            self.pid = message[1]
+            self.heartbeat = time.monotonic()
+            self._ready.set()
+
+    def _exited(self) -> None:
+        """The child's pipe closed: it stopped or died; fail whatever sessions it had."""
+        if self._loop is not None and self._from_child is not None:
+            self._loop.remove_reader(self._from_child.fileno())
+        self.exited = True
+        self._ready.set()  # wake `ready` waiters (they check `exited`)
+        jobs, self._jobs = list(self._jobs.values()), {}
+        if jobs and not self._stopping:
+            log.error("%s exited unexpectedly: failing its %d sessions", self.name, len(jobs))
+        fatal = (
+            Fatal(CloseCode.GOING_AWAY, "server shutting down")
+            if self._stopping
+            else Fatal(CloseCode.INTERNAL_ERROR, "engine process exited unexpectedly")
+        )
+        for job in jobs:
+            with contextlib.suppress(Exception):
+                job.sink([fatal])
+
+    def _apply_stats(self, stats: dict[str, Any]) -> None:
+        """Add the increments of the child's cumulative metrics to ours."""
+        self.heartbeat = time.monotonic()
+        metrics = self.metrics
+        for name, series in stats["counters"].items():
+            for label, value in series.items():
+                key = (name, label)
+                delta = value - self._seen_counters.get(key, 0.0)
+                self._seen_counters[key] = value
+                if delta > 0:
+                    counter = getattr(metrics, name)
+                    (counter.labels(label) if label else counter).inc(delta)
+        for name, series in stats["histograms"].items():
+            histogram = getattr(metrics, name)
+            for label, (counts, total) in series.items():
+                key = (name, label)
+                seen_counts, seen_total = self._seen_histograms.get(key, ([0] * len(counts), 0.0))
+                self._seen_histograms[key] = (counts, total)
+                increments = [a - b for a, b in zip(counts, seen_counts, strict=True)]
+                if any(increments):
+                    histogram.add_counts(label, increments, total - seen_total)
+        self.encode_stats = stats["encode"]
+        self.decode_stats = stats["decode"]
+
+
+# ---- the child ----------------------------------------------------------------------------
+
+
+class _RemoteSink:
+    """A job's sink in the child: only its id travels (`_PipeDelivery` sends the outputs)."""
+
+    __slots__ = ("job_id",)
+
+    def __init__(self, job_id: int) -> None:
+        self.job_id = job_id
+
+    def __call__(self, items: list[Any]) -> None:  # pragma: no cover - never called
+        raise RuntimeError("a remote job's sink runs in the server process")
+
+
+class _PipeDelivery(Delivery):
+    """Hands the worker's outputs to the parent: one `("out", ...)` message per tick.
+
+    When a session ends or fails in the tick, the metrics go first (`("stats", ...)`), so
+    the parent's counters include the session's frames before its client sees the close.
+    """
+
+    def __init__(self, send: Callable[[tuple[Any, ...]], None]) -> None:
+        super().__init__()
+        self._send_message = send
+        self.snapshot: Callable[[], dict[str, Any]] | None = None
+
+    def put(self, batch: list[tuple[Sink, list[Any]]]) -> None:
+        out = [(sink.job_id, items) for sink, items in batch if isinstance(sink, _RemoteSink)]
+        if not out:
+            return
+        with contextlib.suppress(OSError, ValueError):  # parent gone: we exit soon
+            if self.snapshot is not None and any(_ends(items) for _, items in out):
+                self._send_message(("stats", self.snapshot()))
+            self._send_message(("out", out))
+
+
+def _ends(items: list[Any]) -> bool:
+    """The outputs close their session."""
+    return any(isinstance(x, Fatal) or (isinstance(x, Out) and x.close) for x in items)
+
+
+def _snapshot(worker: EngineWorker, metrics: Metrics) -> dict[str, Any]:
+    """The child's cumulative metrics (see `ProcessWorker._apply_stats`)."""
+    counters: dict[str, dict[str, float]] = {}
+    for name in _COUNTERS:
+        series: dict[str, float] = {}
+        for family in getattr(metrics, name).collect():
+            for sample in family.samples:
+                if sample.name.endswith("_total"):
+                    series[next(iter(sample.labels.values()), "")] = sample.value
+        counters[name] = series
+    histograms = {name: getattr(metrics, name).snapshot() for name in _HISTOGRAMS}
+    return {
+        "counters": counters,
+        "histograms": histograms,
+        "encode": worker.encode_stats,
+        "decode": worker.decode_stats,
+    }
+
+
+class _ChildWorker(EngineWorker):
+    """The engine worker of an engine process, run in the process's main thread: it waits
+    on the parent's pipe instead of an Event and reads it at the start of every iteration
+    (no second thread, no hand-off per message), and reports its metrics every 0.5 s."""
+
+    def __init__(
+        self,
+        model: CodecModel,
+        inbound: Connection,
+        outbound: Connection,
+        *,
+        capacity: int,
+        batch_window_s: float,
+        name: str,
+    ) -> None:
+        self._outbound = outbound
+        delivery = _PipeDelivery(self._send_message)
+        metrics = Metrics()
+        super().__init__(model, metrics, capacity=capacity, batch_window_s=batch_window_s,
+                         delivery=delivery, name=name)
+        delivery.snapshot = self._snapshot
+        self._inbound = inbound
+        self._by_id: dict[int, Job] = {}
+        self._next_report = 0.0
+
+    def _send_message(self, message: tuple[Any, ...]) -> None:
+        self._outbound.send(message)
+
+    def _snapshot(self) -> dict[str, Any]:
+        return _snapshot(self, self.metrics)
+
+    def _wait_input(self, timeout: float) -> None:
+        with contextlib.suppress(EOFError, OSError):
+            self._inbound.poll(timeout)
+
+    def _drain(self) -> None:
+        try:
+            while self._inbound.poll():
+                message = self._inbound.recv()
+                if message[0] == "stop":
+                    self.request_stop()
+                    break
+                for op in message[1]:
+                    self._apply(op)
+        except (EOFError, OSError):  # the parent is gone
+            self.request_stop()
+        now = time.monotonic()
+        if now >= self._next_report:
+            self._next_report = now + _STATS_PERIOD_S
+            with contextlib.suppress(OSError, ValueError):
+                self._send_message(("stats", self._snapshot()))
+        super()._drain()
+
+    def _apply(self, op: tuple[Any, ...]) -> None:
+        kind, job_id = op[0], op[1]
+        if kind == "in":
+            job = self._by_id.get(job_id)
+            if job is not None:
+                self.submit_at(job, op[2], op[3])
+        elif kind == "add":
+            spec: StreamJobSpec = op[2]
+            try:
+                job = spec.build(self.model, _RemoteSink(job_id))
+            except Exception as exc:  # a bad spec fails its session only
+                log.exception("engine process: cannot start a %s job", spec.endpoint)
+                reason = f"engine error: {type(exc).__name__}: {exc}"
+                self._send_message(("out", [(job_id, [Fatal(CloseCode.INTERNAL_ERROR, reason)])]))
+                return
+            self._by_id[job_id] = job
+            self.add(job)
+        elif kind == "remove":
+            job = self._by_id.pop(job_id, None)
+            if job is not None:
+                self.remove(job)
+
+
+def child_main(
+    model_dir: Path | None,
+    threads: int,
+    capacity: int,
+    batch_window_s: float,
+    switch_interval_ms: float,
+    inbound: Connection,
+    outbound: Connection,
+    name: str,
+) -> None:
+    """Body of an engine process: load the model, run a `_ChildWorker` until stopped."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops us (Ctrl-C hits the group)
+    sys.setswitchinterval(switch_interval_ms / 1000.0)
+    model = CodecModel.load(model_dir, threads)
+    worker = _ChildWorker(model, inbound, outbound, capacity=capacity,
+                          batch_window_s=batch_window_s, name=name)
+    outbound.send(("ready", os.getpid()))
+    try:
+        worker.run_here()  # on stop: fails the jobs left with 1001 (delivered if possible)
+    finally:
+        with contextlib.suppress(OSError, ValueError):
+            outbound.send(("stats", worker._snapshot()))
+            outbound.close()

@@ -1,0 +1,133 @@
+"""Engine processes (server/engine_process.py): stream sessions stepped in child processes.
+
+Real servers on loopback ports, real websockets clients: a session through an engine process
+gives byte for byte what the in-process engine threads give; the child's frame counters
+reach /metrics; a killed engine process fails its sessions with 1011 and readiness; the
+settings parse 'auto'; `StreamJobSpec` states the latency its streams have.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+from server.codes import CloseCode
+from server.jobs import StreamJobSpec, TokenOutput
+from server.settings import MAX_AUTO_PROCESSES, Settings, SettingsError, parse_settings
+from streaming.framing import SampleFormat
+from streaming.model import CodecModel
+from tests.server.conftest import (
+    ServerThread,
+    connect,
+    hello,
+    receive_all,
+    send_pcm,
+    settle,
+    start_server,
+)
+
+
+async def _roundtrip(running: ServerThread, pcm: np.ndarray, **fields: Any) -> tuple[bytes, Any]:
+    """PCM out and JSON token packets of one roundtrip session."""
+    async with connect(running.ws("/v1/roundtrip")) as ws:
+        await hello(ws, return_tokens=True, **fields)
+        await send_pcm(ws, pcm)
+        await ws.send(json.dumps({"type": "end"}))
+        got = await receive_all(ws)
+    assert got.code == CloseCode.NORMAL, got.reason
+    return b"".join(got.binary), [m["packet"] for m in got.of_type("packet")]
+
+
+async def test_engine_process_equals_engine_thread(clip: np.ndarray) -> None:
+    """Same session through an engine process and through the in-process thread: same
+    bytes (the batched engine is exact whatever else shares its steps)."""
+    pcm = clip[: 16000 * 2]
+    threads = start_server(engine_processes=0)
+    processes = start_server(engine_processes=2)
+    try:
+        assert threads.state.worker.processes == ()
+        assert len(processes.state.worker.processes) == 2
+        local = await _roundtrip(threads, pcm, bitrate_kbps=3)
+        # two sessions at once on the two processes, one of them at another mode
+        remote, other = await asyncio.gather(
+            _roundtrip(processes, pcm, bitrate_kbps=3), _roundtrip(processes, pcm)
+        )
+        assert remote[0] == local[0] and remote[1] == local[1]
+        assert len(remote[0]) == 2 * 320 * 100 and len(remote[1]) == 100
+        assert other[1][0]["num_codebooks"] != remote[1][0]["num_codebooks"]
+        assert {p.jobs for p in processes.state.worker.processes} == {0}  # both left
+    finally:
+        threads.stop()
+        processes.stop()
+
+
+async def test_child_metrics_reach_the_server(clip: np.ndarray) -> None:
+    running = start_server(engine_processes=1)
+    try:
+        await _roundtrip(running, clip[:16000])
+        async with httpx.AsyncClient(base_url=running.http) as client:
+            text = (await client.get("/metrics")).text
+        values = {
+            line.split(" ")[0]: float(line.split(" ")[1])
+            for line in text.splitlines()
+            if line and not line.startswith("#")
+        }
+        assert values['codecstream_frames_encoded_total{endpoint="roundtrip"}'] == 50
+        assert values['codecstream_frames_decoded_total{endpoint="roundtrip"}'] == 50
+        assert values['codecstream_batch_size_count{direction="encode"}'] == 50
+        assert values["codecstream_engine_cpu_seconds_total"] >= 0
+    finally:
+        running.stop()
+
+
+async def test_a_dead_engine_process_fails_its_sessions(clip: np.ndarray) -> None:
+    running = start_server(engine_processes=1)
+    try:
+        process = running.state.worker.processes[0]
+        async with connect(running.ws("/v1/roundtrip")) as ws:
+            await hello(ws)
+            await send_pcm(ws, clip[:3200])
+            assert isinstance(await asyncio.wait_for(ws.recv(), 10), bytes)  # it runs
+            assert process.pid is not None
+            os.kill(process.pid, signal.SIGKILL)
+            got = await receive_all(ws)
+        assert got.code == CloseCode.INTERNAL_ERROR
+        assert got.reason == "engine process exited unexpectedly"
+        await settle(running)
+        async with httpx.AsyncClient(base_url=running.http) as client:
+            assert (await client.get("/readyz")).status_code == 503
+            assert (await client.get("/healthz")).status_code == 200
+    finally:
+        running.stop()
+
+
+def test_engine_processes_setting() -> None:
+    assert Settings().engine_processes is None  # auto
+    assert 1 <= Settings().engine_process_count <= MAX_AUTO_PROCESSES
+    assert Settings(engine_processes=0).engine_process_count == 0
+    assert Settings.from_env({"CODECSTREAM_ENGINE_PROCESSES": "3"}).engine_process_count == 3
+    assert Settings.from_env({"CODECSTREAM_ENGINE_PROCESSES": "auto"}).engine_processes is None
+    assert parse_settings(["--engine-processes", "0"], {}).engine_processes == 0
+    with pytest.raises(SettingsError, match="CODECSTREAM_ENGINE_PROCESSES"):
+        Settings.from_env({"CODECSTREAM_ENGINE_PROCESSES": "-1"})
+
+
+@pytest.mark.parametrize("rate", [8000, 16000, 48000])
+@pytest.mark.parametrize("sides", [(True, False), (False, True), (True, True)])
+def test_spec_latency_is_the_streams_latency(rate: int, sides: tuple[bool, bool]) -> None:
+    model = CodecModel.load()
+    spec = StreamJobSpec(
+        endpoint="x", encode=sides[0], decode=sides[1], rate=rate, fmt=SampleFormat.S16LE,
+        tokens=TokenOutput.NONE,
+    )
+    job = spec.build(model, lambda items: None)
+    streams = [s for s in (job.encoder, job.decoder) if s is not None]
+    expected = round(sum(s.algorithmic_delay_ms for s in streams), 4)
+    assert spec.algorithmic_latency_ms(model.card) == expected
