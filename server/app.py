@@ -101,6 +101,14 @@ async def _start(settings: Settings, metrics: Metrics) -> AppState:
     except RuntimeError:
         await asyncio.to_thread(worker.stop)
         raise
+    log.info(
+        "engine: %d engine process(es) for the stream sessions (pids %s), %d engine thread(s) "
+        "for %s",
+        len(worker.processes),
+        ", ".join(str(p.pid) for p in worker.processes) or "-",
+        len(worker.workers),
+        "rooms and HTTP file jobs" if worker.processes else "every session",
+    )
     metrics.add_latency_source(worker.latency_summary)
     state = AppState(settings, model, worker, metrics, RoomRegistry(metrics))
     log.info(
