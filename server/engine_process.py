@@ -374,25 +374,6 @@ def _ends(items: list[Any]) -> bool:
     return any(isinstance(x, Fatal) or (isinstance(x, Out) and x.close) for x in items)
 
 
-def _snapshot(worker: EngineWorker, metrics: Metrics) -> dict[str, Any]:
-    """The child's cumulative metrics (see `ProcessWorker._apply_stats`)."""
-    counters: dict[str, dict[str, float]] = {}
-    for name in _COUNTERS:
-        series: dict[str, float] = {}
-        for family in getattr(metrics, name).collect():
-            for sample in family.samples:
-                if sample.name.endswith("_total"):
-                    series[next(iter(sample.labels.values()), "")] = sample.value
-        counters[name] = series
-    histograms = {name: getattr(metrics, name).snapshot() for name in _HISTOGRAMS}
-    return {
-        "counters": counters,
-        "histograms": histograms,
-        "encode": worker.encode_stats,
-        "decode": worker.decode_stats,
-    }
-
-
 class _ChildWorker(EngineWorker):
     """The engine worker of an engine process, run in the process's main thread: it waits
     on the parent's pipe instead of an Event and reads it at the start of every iteration
@@ -408,21 +389,31 @@ class _ChildWorker(EngineWorker):
         batch_window_s: float,
         name: str,
     ) -> None:
-        self._outbound = outbound
+        self._send_message = outbound.send
         delivery = _PipeDelivery(self._send_message)
-        metrics = Metrics()
-        super().__init__(model, metrics, capacity=capacity, batch_window_s=batch_window_s,
+        super().__init__(model, Metrics(), capacity=capacity, batch_window_s=batch_window_s,
                          delivery=delivery, name=name)
-        delivery.snapshot = self._snapshot
+        delivery.snapshot = self.snapshot
         self._inbound = inbound
         self._by_id: dict[int, Job] = {}
         self._next_report = 0.0
 
-    def _send_message(self, message: tuple[Any, ...]) -> None:
-        self._outbound.send(message)
-
-    def _snapshot(self) -> dict[str, Any]:
-        return _snapshot(self, self.metrics)
+    def snapshot(self) -> dict[str, Any]:
+        """This process's cumulative metrics (see `ProcessWorker._apply_stats`)."""
+        counters: dict[str, dict[str, float]] = {}
+        for name in _COUNTERS:
+            series: dict[str, float] = {}
+            for family in getattr(self.metrics, name).collect():
+                for sample in family.samples:
+                    if sample.name.endswith("_total"):
+                        series[next(iter(sample.labels.values()), "")] = sample.value
+            counters[name] = series
+        return {
+            "counters": counters,
+            "histograms": {name: getattr(self.metrics, name).snapshot() for name in _HISTOGRAMS},
+            "encode": self.encode_stats,
+            "decode": self.decode_stats,
+        }
 
     def _wait_input(self, timeout: float) -> None:
         with contextlib.suppress(EOFError, OSError):
@@ -443,7 +434,7 @@ class _ChildWorker(EngineWorker):
         if now >= self._next_report:
             self._next_report = now + _STATS_PERIOD_S
             with contextlib.suppress(OSError, ValueError):
-                self._send_message(("stats", self._snapshot()))
+                self._send_message(("stats", self.snapshot()))
         super()._drain()
 
     def _apply(self, op: tuple[Any, ...]) -> None:
@@ -490,5 +481,5 @@ def child_main(
         worker.run_here()  # on stop: fails the jobs left with 1001 (delivered if possible)
     finally:
         with contextlib.suppress(OSError, ValueError):
-            outbound.send(("stats", worker._snapshot()))
+            outbound.send(("stats", worker.snapshot()))
             outbound.close()
