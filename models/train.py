@@ -28,7 +28,7 @@ from models.discriminator import (
     generator_losses,
 )
 from models.harmonic import voicing_target
-from models.losses import MultiResolutionSpectralLoss
+from models.losses import IntelligibilityLoss, MultiResolutionSpectralLoss
 from models.mdct import frame_spans
 
 
@@ -48,6 +48,7 @@ class TrainConfig:
     weight_commit: float = 0.25
     weight_mdct: float = 0.2
     weight_lowband: float = 0.0
+    weight_stoi: float = 0.0
     lowband_hz: float = 1500.0
     lowband_prob: float = 0.0
     lowband_layouts: tuple[tuple[int, float], ...] = ((32, 3.5), (40, 1.25))
@@ -177,6 +178,7 @@ class Trainer:
         torch.manual_seed(config.seed)
         self.model = CausalCodec(config.codec)
         self.loss = MultiResolutionSpectralLoss(config.codec.sample_rate)
+        self.intelligibility = IntelligibilityLoss(config.codec.sample_rate)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr,
                                            betas=(0.8, 0.99), weight_decay=0.0)
         self.discriminator = MultiResolutionMDCTDiscriminator()
@@ -249,6 +251,9 @@ class Trainer:
         if config.weight_lowband > 0:
             terms["lowband"] = mdct_loss(self.model, out.pcm, pcm, config.lowband_hz)
             total = total + config.weight_lowband * terms["lowband"]
+        if config.weight_stoi > 0:
+            terms["stoi"] = self.intelligibility(out.pcm[:, :valid], pcm[:, :valid])
+            total = total + config.weight_stoi * terms["stoi"]
         if config.weight_pitch > 0:
             terms["pitch"], terms["voicing"] = pitch_losses(out)
             total = total + config.weight_pitch * (terms["pitch"] + terms["voicing"])
