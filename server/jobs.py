@@ -31,7 +31,7 @@ import numpy.typing as npt
 
 from server.engine_worker import Job, Out, Sink
 from server.messages import clock_us, mode_fields, to_text
-from streaming.framing import Resampler, SampleFormat
+from streaming.framing import SampleFormat
 from streaming.model import BitrateMode, CodecModel, ModelCard
 from streaming.protocol import (
     PACKET_HEADER_SIZE,
@@ -41,7 +41,7 @@ from streaming.protocol import (
     encode_packet,
     packet_to_json,
 )
-from streaming.stream import DecoderStream, EncoderStream
+from streaming.stream import DecoderStream, EncoderStream, decoder_delay_ms, encoder_delay_ms
 
 __all__ = [
     "SERVER_SEND_OFFSET",
@@ -135,14 +135,13 @@ class StreamJobSpec:
         )
 
     def algorithmic_latency_ms(self, card: ModelCard) -> float:
-        """Delay the job's streams add by construction, ms (encoder: one frame + input
-        resampling; decoder: the card's output delay + output resampling), as the streams
-        report it, without building them."""
+        """Delay the job's streams add by construction, ms (the streams' own definitions,
+        `streaming.stream.encoder_delay_ms` / `decoder_delay_ms`), without building them."""
         total = 0.0
         if self.encode:
-            total += card.frame_ms + Resampler(self.rate, card.sample_rate).delay_ms
+            total += encoder_delay_ms(card, self.rate)
         if self.decode:
-            total += card.output_delay_ms + Resampler(card.sample_rate, self.rate).delay_ms
+            total += decoder_delay_ms(card, self.rate)
         return round(total, 4)
 
 

@@ -31,7 +31,7 @@ from typing import TypeAlias
 import numpy as np
 import numpy.typing as npt
 
-from streaming.framing import InputFramer, OutputFramer, PcmInput, SampleFormat
+from streaming.framing import InputFramer, OutputFramer, PcmInput, Resampler, SampleFormat
 from streaming.latency import FrameLatency, LatencyStats
 from streaming.lowband import LAYOUTS, LOWBAND_LAYOUT_NONE, clear_into, dequantize_into, quantize
 from streaming.model import (
@@ -46,13 +46,32 @@ from streaming.model import (
 from streaming.protocol import TokenFrame, frame_bits
 from streaming.ratecap import BitBudget, fallbacks
 
-__all__ = ["Clock", "DecoderStream", "EncoderStream", "StreamOverflowError"]
+__all__ = [
+    "Clock",
+    "DecoderStream",
+    "EncoderStream",
+    "StreamOverflowError",
+    "decoder_delay_ms",
+    "encoder_delay_ms",
+]
 
 F32: TypeAlias = npt.NDArray[np.float32]
 F64: TypeAlias = npt.NDArray[np.float64]
 I64: TypeAlias = npt.NDArray[np.int64]
 Clock: TypeAlias = Callable[[], float]
 """A monotonic clock in seconds (time.perf_counter, or a fake one in tests)."""
+
+
+def encoder_delay_ms(card: ModelCard, rate: int | None = None) -> float:
+    """Algorithmic delay of an `EncoderStream` fed PCM at `rate` Hz (None: the model's), ms:
+    one frame + the input resampler's delay."""
+    return card.frame_ms + Resampler(_rate_or_model(card, rate), card.sample_rate).delay_ms
+
+
+def decoder_delay_ms(card: ModelCard, rate: int | None = None) -> float:
+    """Algorithmic delay of a `DecoderStream` giving PCM at `rate` Hz (None: the model's), ms:
+    the card's output delay (synthesis overlap) + the output resampler's delay."""
+    return card.output_delay_ms + Resampler(card.sample_rate, _rate_or_model(card, rate)).delay_ms
 
 
 class StreamOverflowError(RuntimeError):
@@ -180,7 +199,7 @@ class EncoderStream:
         self._scaled: F32 = np.zeros(card.lowband_bins, dtype=np.float32)  # quantiser scratch
         self._steps: tuple[PreparedStep, PreparedStep] | None = None  # built on first step()
         self._ready = _TimeQueue(self.framer.ring.capacity // card.frame_size + 1)
-        self._algorithmic_ms = card.frame_ms + self.framer.delay_ms
+        self._algorithmic_ms = encoder_delay_ms(card, rate)
         self.frames_encoded = 0
         """Frames encoded since creation / reset."""
         self.last_latency: FrameLatency | None = None
@@ -495,7 +514,7 @@ class DecoderStream:
         self._pcm: F32 = np.zeros((1, card.frame_size), dtype=np.float32)
         self._steps: tuple[PreparedStep, PreparedStep] | None = None  # built on first step()
         self._silence: F32 = np.zeros(card.frame_size, dtype=np.float32)
-        self._algorithmic_ms = card.output_delay_ms + self.framer.delay_ms
+        self._algorithmic_ms = decoder_delay_ms(card, rate)
         self._max_gain = 1 << card.gain.bits
         self.frames_decoded = 0
         """Frames decoded (silence excluded) since creation / reset."""
