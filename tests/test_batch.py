@@ -67,9 +67,11 @@ def test_batched_encoding_equals_unbatched(model: CodecModel) -> None:
 
 
 def assert_same_floats(x: np.ndarray, y: np.ndarray) -> None:
-    """Bit-for-bit equal: the exported graphs sum in the same order for every batch size
-    (docs/model.md), so a stream's output never depends on who shares its batch."""
-    np.testing.assert_array_equal(x, y)
+    """Equal to float32 rounding: the graphs' own sums run in the same order for every batch
+    size (docs/model.md), but onnxruntime's float32 GEMM picks its kernel by the number of
+    rows, so the fp16-stored model's states may differ in the last bits between batch sizes
+    (the int8 graphs are bit-exact); the codes above must still be identical."""
+    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
 
 
 def test_encode_step_returns_none_for_streams_with_nothing_due(model: CodecModel) -> None:
