@@ -42,6 +42,7 @@ thread, not owned by each stream.
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 from enum import StrEnum
@@ -63,6 +64,7 @@ __all__ = [
     "design_filter",
     "float32_to_int16",
     "pcm_samples",
+    "resampling_delay_ms",
     "to_float32",
 ]
 
@@ -367,6 +369,13 @@ class Resampler:
 def _check_rate(rate: int) -> None:
     if rate not in SUPPORTED_RATES:
         raise ValueError(f"sample rate {rate} Hz is not supported (use one of {SUPPORTED_RATES})")
+
+
+@functools.cache
+def resampling_delay_ms(rate_in: int, rate_out: int) -> float:
+    """Group delay, ms, of the `Resampler(rate_in, rate_out)` the framers build (designed once
+    per rate pair, so delays can be reported without building a resampler each time)."""
+    return Resampler(rate_in, rate_out).delay_ms
 
 
 class InputFramer:

@@ -31,7 +31,13 @@ from typing import TypeAlias
 import numpy as np
 import numpy.typing as npt
 
-from streaming.framing import InputFramer, OutputFramer, PcmInput, Resampler, SampleFormat
+from streaming.framing import (
+    InputFramer,
+    OutputFramer,
+    PcmInput,
+    SampleFormat,
+    resampling_delay_ms,
+)
 from streaming.latency import FrameLatency, LatencyStats
 from streaming.lowband import LAYOUTS, LOWBAND_LAYOUT_NONE, clear_into, dequantize_into, quantize
 from streaming.model import (
@@ -65,13 +71,13 @@ Clock: TypeAlias = Callable[[], float]
 def encoder_delay_ms(card: ModelCard, rate: int | None = None) -> float:
     """Algorithmic delay of an `EncoderStream` fed PCM at `rate` Hz (None: the model's), ms:
     one frame + the input resampler's delay."""
-    return card.frame_ms + Resampler(_rate_or_model(card, rate), card.sample_rate).delay_ms
+    return card.frame_ms + resampling_delay_ms(_rate_or_model(card, rate), card.sample_rate)
 
 
 def decoder_delay_ms(card: ModelCard, rate: int | None = None) -> float:
     """Algorithmic delay of a `DecoderStream` giving PCM at `rate` Hz (None: the model's), ms:
     the card's output delay (synthesis overlap) + the output resampler's delay."""
-    return card.output_delay_ms + Resampler(card.sample_rate, _rate_or_model(card, rate)).delay_ms
+    return card.output_delay_ms + resampling_delay_ms(card.sample_rate, _rate_or_model(card, rate))
 
 
 class StreamOverflowError(RuntimeError):
