@@ -267,7 +267,7 @@ def server_defaults() -> dict[str, Any]:
     return {
         "engine_processes": d.engine_process_count,
         "engine_workers": d.engine_workers,
-        "engine_threads": d.engine_threads,
+        "engine_threads": d.engine_thread_count,
         "batch_window_ms": d.batch_window_ms,
     }
 
@@ -385,6 +385,7 @@ def engine_text(result: dict[str, Any]) -> str:
     flags = (
         ("--engine-processes", "engine_processes"),
         ("--engine-workers", "engine_workers"),
+        ("--engine-threads", "engine_threads"),
         ("--batch-window-ms", "batch_window_ms"),
     )
     for flag, key in flags:
@@ -394,8 +395,11 @@ def engine_text(result: dict[str, Any]) -> str:
         return "default settings"
     extra = f" (arguments {' '.join(result.get('server_args') or [])})" if args else ""
     processes = int(d.get("engine_processes", 0))
+    threads = d.get("engine_threads")
+    plural = "s" if str(threads) != "1" else ""
+    per_process = f" of {threads} onnxruntime thread{plural}" if threads else ""
     where = (
-        f"{processes} engine process{'es' if processes != 1 else ''}"
+        f"{processes} engine process{'es' if processes != 1 else ''}{per_process}"
         if processes
         else f"{d.get('engine_workers', '?')} engine thread(s) in the server process"
     )

@@ -82,7 +82,11 @@ async def _start(settings: Settings, metrics: Metrics) -> AppState:
     # process-wide: an engine thread returning from onnxruntime (which releases the GIL)
     # must get it back quickly while the event loop is busy (Python's default is 5 ms)
     sys.setswitchinterval(settings.switch_interval_ms / 1000.0)
-    model = await asyncio.to_thread(CodecModel.load, settings.model_dir, settings.engine_threads)
+    # the server process's own model (rooms, HTTP file jobs; every session with engine
+    # processes 0) runs beside the event loop: 1 thread unless set
+    model = await asyncio.to_thread(
+        CodecModel.load, settings.model_dir, settings.engine_threads or 1
+    )
     card = model.card
     metrics.model_info.labels(card.model_id, str(card.random_weights).lower()).set(1)
     worker = EnginePool(
@@ -92,7 +96,7 @@ async def _start(settings: Settings, metrics: Metrics) -> AppState:
         batch_window_s=settings.batch_window_ms / 1000.0,
         processes=settings.engine_process_count,
         model_dir=settings.model_dir,
-        engine_threads=settings.engine_threads,
+        engine_threads=settings.engine_thread_count,
         switch_interval_ms=settings.switch_interval_ms,
     )
     worker.start(asyncio.get_running_loop())
@@ -102,10 +106,11 @@ async def _start(settings: Settings, metrics: Metrics) -> AppState:
         await asyncio.to_thread(worker.stop)
         raise
     log.info(
-        "engine: %d engine process(es) for the stream sessions (pids %s), %d engine thread(s) "
-        "for %s",
+        "engine: %d engine process(es) for the stream sessions (pids %s, %d onnxruntime "
+        "thread(s) each), %d engine thread(s) for %s",
         len(worker.processes),
         ", ".join(str(p.pid) for p in worker.processes) or "-",
+        settings.engine_thread_count,
         len(worker.workers),
         "rooms and HTTP file jobs" if worker.processes else "every session",
     )

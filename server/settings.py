@@ -42,6 +42,10 @@ class SettingsError(ValueError):
 MAX_AUTO_PROCESSES: Final = 8
 """Most engine processes `engine_processes=auto` starts (each holds its own model copy)."""
 
+MAX_AUTO_THREADS: Final = 2
+"""Most onnxruntime intra-op threads `engine_threads=auto` gives an engine process (a frame
+step is hundreds of small operators: more threads mostly wait on each other)."""
+
 
 def _meta(env: str, help_text: str, parse: Callable[[str], Any] | None = None) -> dict[str, Any]:
     return {"env": ENV_PREFIX + env, "help": help_text, "parse": parse}
@@ -79,14 +83,36 @@ def _processes(raw: str) -> int | None:
     return None if raw.strip().lower() == "auto" else _non_negative_int(raw)
 
 
+def _threads(raw: str) -> int | None:
+    return None if raw.strip().lower() == "auto" else _positive_int(raw)
+
+
+def _available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 def auto_engine_processes() -> int:
     """`engine_processes` 'auto': the CPU cores this process may run on but one (left to the
     event loop), at least 1 and at most `MAX_AUTO_PROCESSES`."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
-    return max(1, min(cores - 1, MAX_AUTO_PROCESSES))
+    return max(1, min(_available_cores() - 1, MAX_AUTO_PROCESSES))
+
+
+def auto_engine_threads(processes: int) -> int:
+    """`engine_threads` 'auto' for `processes` engine processes: the cores per process, at
+    least 1 and at most `MAX_AUTO_THREADS`; 1 when the engine runs in the server process
+    (`processes` = 0: its threads share the event loop's GIL).
+
+    On 2 cores that is 1 engine process with 2 intra-op threads: the process's core plus
+    what the event loop leaves of the other.  Measured there, alternating 1 and 2 threads in
+    one run, 3 rounds: 2 threads sustained 50 round-trip sessions in every round and 60 in
+    two, 1 thread 40 in two rounds and 50 in none (docs/benchmarks.md).
+    """
+    if processes < 1:
+        return 1
+    return max(1, min(_available_cores() // processes, MAX_AUTO_THREADS))
 
 
 def _port(raw: str) -> int:
@@ -145,10 +171,13 @@ class Settings:
         default=None,
         metadata=_meta("MODEL", "model directory (default: the bundled model)", _optional_path),
     )
-    engine_threads: int = field(
-        default=1,
+    engine_threads: int | None = field(
+        default=None,
         metadata=_meta(
-            "ENGINE_THREADS", "onnxruntime intra-op threads of the engine", _positive_int
+            "ENGINE_THREADS",
+            "onnxruntime intra-op threads of each engine process: 'auto' = the cores per "
+            f"engine process, 1 to {MAX_AUTO_THREADS} (1 with engine processes 0); or a count",
+            _threads,
         ),
     )
     engine_workers: int = field(
@@ -329,6 +358,14 @@ class Settings:
         return self.engine_processes
 
     @property
+    def engine_thread_count(self) -> int:
+        """onnxruntime intra-op threads per engine process: `engine_threads`, or the 'auto'
+        count for `engine_process_count` processes."""
+        if self.engine_threads is None:
+            return auto_engine_threads(self.engine_process_count)
+        return self.engine_threads
+
+    @property
     def auth_enabled(self) -> bool:
         """True when at least one API key is configured."""
         return bool(self.api_keys) or self.api_keys_file is not None
@@ -372,9 +409,13 @@ def build_parser(prog: str = "codec-server") -> argparse.ArgumentParser:
             dest=f.name,
             metavar=f.name.upper(),
             help=f"{f.metadata['help']} (env {f.metadata['env']}, default "
-            f"{'auto' if f.name == 'engine_processes' else _show(default)})",
+            f"{'auto' if f.name in _AUTO_SETTINGS else _show(default)})",
         )
     return parser
+
+
+_AUTO_SETTINGS: Final = ("engine_processes", "engine_threads")
+"""Settings whose default (None) means 'auto'."""
 
 
 def _show(value: object) -> str:

@@ -270,3 +270,27 @@ def test_a_stream_can_move_between_engines_and_be_reset(model: CodecModel) -> No
     s.reset()
     assert first.resident == second.resident == (0, 0)
     assert all(not a.any() for a in s.state.arrays) and s.state.steps == 0
+
+
+def test_intra_op_threads_change_no_output(model: CodecModel) -> None:
+    """The server gives an engine process 2 onnxruntime threads on a 2-core machine
+    (server.settings.auto_engine_threads): its tokens and PCM must be those of 1 thread."""
+    threaded = CodecModel.load(model.path, threads=2)
+    outputs = []
+    for m in (model, threaded):
+        encoders = [EncoderStream(m, rate=r, num_codebooks=min(n, m.card.num_codebooks))
+                    for r, n, _ in SETUPS]
+        audio = [noise(r, max(s, 0.3), i) for i, (r, _, s) in enumerate(SETUPS)]
+        for s, x in zip(encoders, audio, strict=True):
+            s.push(x)
+        frames = BatchEngine(m).encode_all(encoders)
+        decoders = [DecoderStream(m, fmt=SampleFormat.F32LE) for _ in frames]
+        for s, stream_frames in zip(decoders, frames, strict=True):
+            s.push_many(stream_frames)
+        BatchEngine(m).decode_all(decoders)
+        outputs.append((frames, [s.pull() for s in decoders]))
+    (frames_1, pcm_1), (frames_2, pcm_2) = outputs
+    assert frames_1 == frames_2 and all(len(f) > 0 for f in frames_1)
+    for x, y in zip(pcm_1, pcm_2, strict=True):
+        assert x.size > 0
+        assert_same_floats(x, y, model)

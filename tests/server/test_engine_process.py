@@ -18,6 +18,7 @@ import httpx
 import numpy as np
 import pytest
 
+from server import settings as settings_module
 from server.codes import CloseCode
 from server.jobs import StreamJobSpec, TokenOutput
 from server.settings import MAX_AUTO_PROCESSES, Settings, SettingsError, parse_settings
@@ -131,3 +132,18 @@ def test_spec_latency_is_the_streams_latency(rate: int, sides: tuple[bool, bool]
     streams = [s for s in (job.encoder, job.decoder) if s is not None]
     expected = round(sum(s.algorithmic_delay_ms for s in streams), 4)
     assert spec.algorithmic_latency_ms(model.card) == expected
+
+
+def test_engine_threads_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(settings_module, "_available_cores", lambda: 2)
+    assert Settings().engine_threads is None  # auto
+    assert Settings().engine_thread_count == 2  # 1 process on 2 cores: 2 threads
+    assert Settings(engine_processes=2).engine_thread_count == 1
+    assert Settings(engine_processes=0).engine_thread_count == 1  # shares the loop's GIL
+    monkeypatch.setattr(settings_module, "_available_cores", lambda: 64)
+    assert Settings().engine_thread_count == 2  # capped: 8 processes, 2 threads each
+    assert Settings(engine_threads=3).engine_thread_count == 3
+    assert parse_settings(["--engine-threads", "auto"], {}).engine_threads is None
+    assert Settings.from_env({"CODECSTREAM_ENGINE_THREADS": "4"}).engine_thread_count == 4
+    with pytest.raises(SettingsError, match="CODECSTREAM_ENGINE_THREADS"):
+        Settings.from_env({"CODECSTREAM_ENGINE_THREADS": "0"})
