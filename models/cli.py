@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override a TrainConfig field, e.g. --set lr=3e-4 (codec.X for "
                             "codec fields, only when starting a new run)")
     train.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    train.add_argument("--device", default="auto",
+                       help="where the model trains: auto (a CUDA GPU when torch sees one, "
+                            "else the CPU), cpu, cuda or cuda:N; checkpoints load anywhere")
 
     export = sub.add_parser("export", help="export ONNX encoder/decoder steps and a model card")
     export.add_argument("--checkpoint", type=Path, help="trained checkpoint (.pt)")
@@ -99,6 +102,19 @@ def _as_tuples(value: object) -> object:
     return tuple(_as_tuples(v) for v in value) if isinstance(value, list) else value
 
 
+def resolve_device(name: str) -> str:
+    """The torch device of `--device`: 'auto' = 'cuda' when torch sees a GPU, else 'cpu'."""
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"codec-train: --device {name}: torch sees no CUDA GPU here")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise SystemExit(f"codec-train: --device must be auto, cpu, cuda or cuda:N, not {name!r}")
+    return name
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     import torch
 
@@ -119,7 +135,9 @@ def cmd_train(args: argparse.Namespace) -> None:
     sources = args.data or [DEFAULT_CORPUS]
     corpus = Corpus.load(sources, config.codec.sample_rate)
     print(f"corpus: {corpus.files} files, {corpus.hours:.2f} h", file=sys.stderr)
-    trainer = Trainer(args.run, config, corpus)
+    device = resolve_device(args.device)
+    print(f"device: {device}", file=sys.stderr)
+    trainer = Trainer(args.run, config, corpus, device=device)
     if latest.exists():
         trainer.load(latest)
         print(f"resumed {latest} at step {trainer.step}", file=sys.stderr)

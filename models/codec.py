@@ -345,7 +345,7 @@ class CausalCodec(nn.Module):
         states = self.initial_state("encoder", pcm.shape[0])
         latents, index, gain, log_f0, periodicity, _, shape_low = self.encoder_core(pcm, states)
         quant = self.quantizer(latents, counts)
-        use = torch.rand(pcm.shape[0]) < teacher_prob
+        use = torch.rand(pcm.shape[0], device=pcm.device) < teacher_prob
         teacher = (log_f0, voicing_target(periodicity), use)
         sent = lowband(shape_low) if lowband is not None else None
         decoded, pitch = self.decode_latents(quant.quantized, gain, teacher, sent)
@@ -361,7 +361,7 @@ class CausalCodec(nn.Module):
     @torch.no_grad()
     def decode(self, codes: torch.Tensor, gain_index: torch.Tensor, count: int) -> torch.Tensor:
         """Codes [B, T, Q], gain index [B, T], ``count`` codebooks -> aligned PCM [B, T*N]."""
-        counts = torch.full((codes.shape[0],), count, dtype=torch.long)
+        counts = torch.full((codes.shape[0],), count, dtype=torch.long, device=codes.device)
         quantized = self.quantizer.decode(codes, counts)
         return self.decode_latents(quantized, self.gain_value(gain_index))[0]
 
@@ -386,7 +386,8 @@ class CausalCodec(nn.Module):
 
     def initial_state(self, which: str, batch: int) -> list[torch.Tensor]:
         shapes = self.encoder_state_shapes() if which == "encoder" else self.decoder_state_shapes()
-        return [torch.zeros((batch, *shape)) for _, shape in shapes]
+        device = self.analysis.device
+        return [torch.zeros((batch, *shape), device=device) for _, shape in shapes]
 
     def encoder_step(
         self, pcm: torch.Tensor, states: list[torch.Tensor]

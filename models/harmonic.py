@@ -129,7 +129,8 @@ def harmonic_excitation(f0_start: torch.Tensor, f0_end: torch.Tensor, voicing_st
     Everything is computed in float64 so chunked and whole-sequence runs agree.
     """
     batch, frames = f0_start.shape
-    ramp = (torch.arange(frame_size, dtype=torch.float64) + 1.0) / frame_size
+    steps = torch.arange(frame_size, dtype=torch.float64, device=f0_start.device)
+    ramp = (steps + 1.0) / frame_size
     f0 = (f0_start.double()[..., None] * (1 - ramp) + f0_end.double()[..., None] * ramp)
     voicing = (voicing_start.double()[..., None] * (1 - ramp)
                + voicing_end.double()[..., None] * ramp)

@@ -173,15 +173,17 @@ def mdct_loss(model: CausalCodec, decoded: torch.Tensor, target: torch.Tensor,
 class Trainer:
     """Owns model, optimizer, data stream and checkpoint folder ``run_dir``."""
 
-    def __init__(self, run_dir: Path, config: TrainConfig, corpus: Corpus):
+    def __init__(self, run_dir: Path, config: TrainConfig, corpus: Corpus,
+                 device: str | torch.device = "cpu"):
         self.run_dir, self.config, self.corpus = run_dir, config, corpus
+        self.device = torch.device(device)
         torch.manual_seed(config.seed)
-        self.model = CausalCodec(config.codec)
-        self.loss = MultiResolutionSpectralLoss(config.codec.sample_rate)
-        self.intelligibility = IntelligibilityLoss(config.codec.sample_rate)
+        self.model = CausalCodec(config.codec).to(self.device)
+        self.loss = MultiResolutionSpectralLoss(config.codec.sample_rate).to(self.device)
+        self.intelligibility = IntelligibilityLoss(config.codec.sample_rate).to(self.device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr,
                                            betas=(0.8, 0.99), weight_decay=0.0)
-        self.discriminator = MultiResolutionMDCTDiscriminator()
+        self.discriminator = MultiResolutionMDCTDiscriminator().to(self.device)
         self.disc_optimizer = torch.optim.AdamW(self.discriminator.parameters(),
                                                 lr=config.disc_lr, betas=(0.8, 0.99))
         self.step = 0
@@ -226,7 +228,7 @@ class Trainer:
     # -- one step ----------------------------------------------------------------------------
     def train_step(self, batch: np.ndarray) -> dict[str, float]:
         config = self.config
-        pcm = torch.from_numpy(batch)
+        pcm = torch.from_numpy(batch).to(self.device)
         lowband = None
         counts = None
         if config.mode_prob > 0:

@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
+from models.codec import CausalCodec
 from models.export import random_model
 from models.mdct import frame_spans, overlap_add
-from models.train import mdct_loss, operating_points, rows_lowband, sent_lowband
+from models.train import (
+    TrainConfig,
+    idempotence_loss,
+    mdct_loss,
+    operating_points,
+    pitch_losses,
+    rows_lowband,
+    sent_lowband,
+)
 from tests.test_model_codec import TINY, speechlike
 
 N, L = TINY.frame_size, TINY.overlap
@@ -85,3 +95,55 @@ def test_mode_rows_get_the_modes_codebooks_and_low_band() -> None:
             step = layouts[layout - 1][1]
             assert torch.equal(values[row, :, :bins], torch.round(shape_low[row, :, :bins] / step)
                                * step)
+
+
+def test_the_training_forward_and_losses_stay_on_the_inputs_device() -> None:
+    """Training runs on a GPU where one is available (`codec-train train --device`): every
+    tensor the forward pass and the losses create must live on the input's device.  The
+    'meta' device stands in for a GPU here: mixing it with a CPU tensor raises, as CUDA does.
+    (The quantizer's EMA update reads values, which meta tensors lack: eval mode here.)"""
+    from torch.fx.experimental import _config as fx_config
+
+    from models.discriminator import (
+        MultiResolutionMDCTDiscriminator,
+        discriminator_loss,
+        generator_losses,
+    )
+    from models.losses import IntelligibilityLoss, MultiResolutionSpectralLoss
+
+    config = TrainConfig()
+    model = CausalCodec(TINY).to("meta").eval()
+    pcm = torch.randn(2, TINY.frame_size * 40, device="meta")
+    with fx_config.patch(meta_nonzero_assume_all_nonzero=True):
+        sampled = model.quantizer.sample_counts(2, pcm.device)
+        counts, rows = operating_points(2, 0.5, config.modes, sampled)
+
+        def lowband(shape_low: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return rows_lowband(shape_low, rows, 0.7, config.lowband_layouts)
+
+        out = model(pcm, counts, teacher_prob=0.5, lowband=lowband)
+        losses = [
+            *MultiResolutionSpectralLoss().to("meta")(out.pcm, pcm).values(),
+            IntelligibilityLoss().to("meta")(out.pcm, pcm),
+            mdct_loss(model, out.pcm, pcm),
+            *pitch_losses(out),
+            idempotence_loss(model, out.pcm, out.quantizer.quantized,
+                             out.quantizer.used_codebooks),
+        ]
+        discriminator = MultiResolutionMDCTDiscriminator().to("meta")
+        real, fake = discriminator(pcm), discriminator(out.pcm)
+        losses += [*generator_losses(real, fake), discriminator_loss(real, fake)]
+    assert out.pcm.device.type == "meta" and out.pcm.shape == pcm.shape
+    assert all(loss.device.type == "meta" for loss in losses)
+
+
+def test_device_option_is_checked() -> None:
+    from models.cli import resolve_device
+
+    assert resolve_device("cpu") == "cpu"
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(SystemExit, match="auto, cpu, cuda"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="no CUDA GPU"):
+            resolve_device("cuda")
