@@ -79,12 +79,13 @@ def _non_negative_int(raw: str) -> int:
     return value
 
 
-def _processes(raw: str) -> int | None:
-    return None if raw.strip().lower() == "auto" else _non_negative_int(raw)
+def _auto_or(parse: Callable[[str], int]) -> Callable[[str], int | None]:
+    """A parser of 'auto' (None: the setting's count is worked out at start) or `parse`."""
 
+    def parse_auto(raw: str) -> int | None:
+        return None if raw.strip().lower() == "auto" else parse(raw)
 
-def _threads(raw: str) -> int | None:
-    return None if raw.strip().lower() == "auto" else _positive_int(raw)
+    return parse_auto
 
 
 def _available_cores() -> int:
@@ -106,9 +107,9 @@ def auto_engine_threads(processes: int) -> int:
     (`processes` = 0: its threads share the event loop's GIL).
 
     On 2 cores that is 1 engine process with 2 intra-op threads: the process's core plus
-    what the event loop leaves of the other.  Measured there, alternating 1 and 2 threads in
-    one run, 3 rounds: 2 threads sustained 50 round-trip sessions in every round and 60 in
-    two, 1 thread 40 in two rounds and 50 in none (docs/benchmarks.md).
+    what the event loop leaves of the other.  Measured there, alternating 1 and 2 threads,
+    5 rounds: 2 threads sustained 50 round-trip sessions in every round, 1 thread 40 in two
+    rounds and 50 in none (docs/benchmarks.md).
     """
     if processes < 1:
         return 1
@@ -177,7 +178,7 @@ class Settings:
             "ENGINE_THREADS",
             "onnxruntime intra-op threads of each engine process: 'auto' = the cores per "
             f"engine process, 1 to {MAX_AUTO_THREADS} (1 with engine processes 0); or a count",
-            _threads,
+            _auto_or(_positive_int),
         ),
     )
     engine_workers: int = field(
@@ -197,7 +198,7 @@ class Settings:
             "'auto' = one per available CPU core but one (left to the event loop), 1 to "
             f"{MAX_AUTO_PROCESSES}; 0 = in the engine threads of the server process (rooms and "
             "HTTP file jobs always are)",
-            _processes,
+            _auto_or(_non_negative_int),
         ),
     )
     switch_interval_ms: float = field(
