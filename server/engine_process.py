@@ -13,7 +13,7 @@ its PCM senders share state) and HTTP file jobs stay on the in-process workers.
 On the loop side a session gets a `RemoteJob` (the `StreamJobSpec` the child builds its
 `StreamJob` from, and the session's sink) and talks to it through `ProcessWorker`, which has
 the interface of `EngineWorker` the pool uses (`add`, `remove`, `submit`, `start`, `stop`,
-`alive`).  Two one-way pipes (`multiprocessing` connections, pickled tuples) carry:
+`alive`).  Two one-way pipes (`multiprocessing` pipes, pickled tuples) carry:
 
 * parent -> child: ``("ops", [op, ...])`` with op ``("add", id, spec)``,
   ``("in", id, item, t)`` or ``("remove", id)``, in the order the loop issued them (one
@@ -23,6 +23,13 @@ the interface of `EngineWorker` the pool uses (`add`, `remove`, `submit`, `start
   child's cumulative frame counters, histograms and `LatencyStats`, which the parent adds to
   its own metrics as increments (so `/metrics` is one view of all processes), and a
   heartbeat for `alive`.
+
+The parent writes with `Connection.send` (a blocking write of a whole message) and the
+child reads with `Connection.recv`.  The child's messages instead travel as length-prefixed
+pickles (`write_message`: a u32 big-endian byte count, then the pickle) which the loop
+reads without blocking (`MessageReader`): an event loop may make the descriptors it watches
+non-blocking (uvloop does), and a large `out` message can arrive in several reads, which
+`Connection.recv` reports as an error (`BlockingIOError`) mid-message.
 
 Arrival times cross the pipe as `time.perf_counter()` stamps taken on the loop: on Linux that
 clock is CLOCK_MONOTONIC, the same in every process, so queueing times include the hop.  A
@@ -35,12 +42,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import multiprocessing
 import multiprocessing.connection
 import os
+import pickle
 import signal
+import struct
 import sys
 import threading
 import time
@@ -55,7 +65,7 @@ from server.metrics import Metrics
 from streaming.latency import LatencyStats
 from streaming.model import CodecModel
 
-__all__ = ["ProcessWorker", "RemoteJob"]
+__all__ = ["MessageReader", "ProcessWorker", "RemoteJob", "write_message"]
 
 log = logging.getLogger("codecstream.engine")
 
@@ -75,6 +85,54 @@ _PIPE_BYTES: Final = 1 << 20
 100 sessions): a child that stalls for a moment must not block the event loop's sends, nor
 a busy loop the child's."""
 _F_SETPIPE_SZ: Final = 1031
+
+
+_LENGTH: Final = struct.Struct("!I")
+"""Prefix of a child -> parent message: the pickle's size in bytes, u32 big-endian."""
+MAX_MESSAGE_BYTES: Final = 64 << 20
+"""A longer length prefix means the stream is corrupt (a tick's outputs are ~100 KB)."""
+_READ_BYTES: Final = 1 << 16
+
+
+def write_message(fd: int, message: object) -> None:
+    """Write `message` to the blocking descriptor `fd` as a u32 length and its pickle (all
+    of it: a short write is continued)."""
+    payload = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    view = memoryview(_LENGTH.pack(len(payload)) + payload)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+class MessageReader:
+    """Reassembles `write_message` messages from reads of any size (sans I/O: `feed` the
+    bytes read, get the messages they complete)."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> list[Any]:
+        """Append `data`; return the messages now complete, in order (ValueError on a
+        length prefix over `MAX_MESSAGE_BYTES`)."""
+        buffer = self._buffer
+        buffer += data
+        messages: list[Any] = []
+        start = 0
+        while len(buffer) - start >= _LENGTH.size:
+            (size,) = _LENGTH.unpack_from(buffer, start)
+            if size > MAX_MESSAGE_BYTES:
+                raise ValueError(f"engine message of {size} bytes: the pipe is corrupt")
+            end = start + _LENGTH.size + size
+            if len(buffer) < end:
+                break
+            messages.append(pickle.loads(buffer[start + _LENGTH.size : end]))
+            start = end
+        del buffer[:start]
+        return messages
+
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes of a message not complete yet."""
+        return len(self._buffer)
 
 
 def _widen(connection: Connection) -> None:
@@ -136,6 +194,7 @@ class ProcessWorker:
         self._process: multiprocessing.process.BaseProcess | None = None
         self._to_child: Connection | None = None
         self._from_child: Connection | None = None
+        self._reader = MessageReader()
         self._ready = asyncio.Event()
         self._stopping = False
         self.exited = False
@@ -163,6 +222,7 @@ class ProcessWorker:
         child_out.close()
         self._process, self._to_child, self._from_child = process, to_child, from_child
         self._loop = loop
+        os.set_blocking(from_child.fileno(), False)
         loop.add_reader(from_child.fileno(), self._on_readable)
 
     async def ready(self, timeout: float) -> None:
@@ -262,14 +322,30 @@ class ProcessWorker:
     # ---- messages from the child (loop) ---------------------------------------------------
 
     def _on_readable(self) -> None:
+        """Read what the child wrote (without blocking) and handle each complete message."""
         connection = self._from_child
-        if connection is None:
+        if connection is None or self.exited:
             return
-        try:
-            while connection.poll():
-                self._handle(connection.recv())
-        except (EOFError, OSError):
-            self._exited()
+        fd = connection.fileno()
+        while True:
+            try:
+                data = os.read(fd, _READ_BYTES)
+            except BlockingIOError:
+                return
+            except OSError:
+                break
+            if not data:
+                break  # end of file: the child is gone
+            try:
+                messages = self._reader.feed(data)
+            except Exception:
+                log.exception("%s: unreadable message", self.name)
+                break
+            for message in messages:
+                self._handle(message)
+            if len(data) < _READ_BYTES:
+                return
+        self._exited()
 
     def _handle(self, message: tuple[Any, ...]) -> None:
         kind = message[0]
@@ -297,7 +373,8 @@ class ProcessWorker:
         self._ready.set()  # wake `ready` waiters (they check `exited`)
         jobs, self._jobs = list(self._jobs.values()), {}
         if jobs and not self._stopping:
-            log.error("%s exited unexpectedly: failing its %d sessions", self.name, len(jobs))
+            log.error("%s exited unexpectedly (%s): failing its %d sessions", self.name,
+                      self._exit_status(), len(jobs))
         fatal = (
             Fatal(CloseCode.GOING_AWAY, "server shutting down")
             if self._stopping
@@ -306,6 +383,21 @@ class ProcessWorker:
         for job in jobs:
             with contextlib.suppress(Exception):
                 job.sink([fatal])
+
+    def _exit_status(self) -> str:
+        """How the child ended, for the log: its exit code or the signal that killed it."""
+        process = self._process
+        if process is None:
+            return "never started"
+        process.join(0.5)
+        code = process.exitcode
+        if code is None:
+            return "still running, its pipe closed"
+        if code < 0:
+            with contextlib.suppress(ValueError):
+                return f"killed by {signal.Signals(-code).name}"
+            return f"killed by signal {-code}"
+        return f"exit code {code}"
 
     def _apply_stats(self, stats: dict[str, Any]) -> None:
         """Add the increments of the child's cumulative metrics to ours."""
@@ -389,7 +481,11 @@ class _ChildWorker(EngineWorker):
         batch_window_s: float,
         name: str,
     ) -> None:
-        self._send_message = outbound.send
+        fd = outbound.fileno()
+        os.set_blocking(fd, True)
+        self._send_message: Callable[[tuple[Any, ...]], None] = functools.partial(
+            write_message, fd
+        )
         delivery = _PipeDelivery(self._send_message)
         super().__init__(model, Metrics(), capacity=capacity, batch_window_s=batch_window_s,
                          delivery=delivery, name=name)
@@ -476,10 +572,10 @@ def child_main(
     model = CodecModel.load(model_dir, threads)
     worker = _ChildWorker(model, inbound, outbound, capacity=capacity,
                           batch_window_s=batch_window_s, name=name)
-    outbound.send(("ready", os.getpid()))
+    write_message(outbound.fileno(), ("ready", os.getpid()))
     try:
         worker.run_here()  # on stop: fails the jobs left with 1001 (delivered if possible)
     finally:
         with contextlib.suppress(OSError, ValueError):
-            outbound.send(("stats", worker.snapshot()))
+            write_message(outbound.fileno(), ("stats", worker.snapshot()))
             outbound.close()

@@ -37,6 +37,7 @@ def make_config(app: FastAPI, settings: Settings, **overrides: object) -> uvicor
         "timeout_graceful_shutdown": int(settings.shutdown_timeout_s) + 1,
         "log_level": settings.log_level,
         "lifespan": "on",
+        "loop": settings.event_loop,
     }
     options.update(overrides)
     return uvicorn.Config(app, **options)  # type: ignore[arg-type]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -41,6 +42,9 @@ class SettingsError(ValueError):
 
 MAX_AUTO_PROCESSES: Final = 8
 """Most engine processes `engine_processes=auto` starts (each holds its own model copy)."""
+
+EVENT_LOOPS: Final = ("auto", "uvloop", "asyncio")
+"""Values of `Settings.event_loop` (uvicorn's `loop` option)."""
 
 MAX_AUTO_THREADS: Final = 2
 """Most onnxruntime intra-op threads `engine_threads=auto` gives an engine process (a frame
@@ -306,12 +310,26 @@ class Settings:
     log_level: str = field(
         default="info", metadata=_meta("LOG_LEVEL", "debug, info, warning or error")
     )
+    event_loop: str = field(
+        default="auto",
+        metadata=_meta(
+            "EVENT_LOOP",
+            "asyncio event loop: 'uvloop' (libuv, less CPU per message), 'asyncio' (the "
+            "standard library's), or 'auto' = uvloop where it is installed",
+        ),
+    )
 
     def __post_init__(self) -> None:
         if self.log_level not in ("debug", "info", "warning", "error"):
             raise SettingsError(
                 f"log_level must be debug/info/warning/error, got {self.log_level!r}"
             )
+        if self.event_loop not in EVENT_LOOPS:
+            raise SettingsError(
+                f"event_loop must be {'/'.join(EVENT_LOOPS)}, got {self.event_loop!r}"
+            )
+        if self.event_loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
+            raise SettingsError("event_loop 'uvloop': uvloop is not installed (pip install uvloop)")
         if self.max_sessions_per_key > self.max_sessions:
             object.__setattr__(self, "max_sessions_per_key", self.max_sessions)
 

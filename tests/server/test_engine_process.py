@@ -3,15 +3,22 @@
 Real servers on loopback ports, real websockets clients: a session through an engine process
 gives byte for byte what the in-process engine threads give; the child's frame counters
 reach /metrics; a killed engine process fails its sessions with 1011 and readiness; the
-settings parse 'auto'; `StreamJobSpec` states the latency its streams have.
+child's messages survive any split into reads (uvloop makes the loop's end of the pipe
+non-blocking); the settings parse 'auto'; `StreamJobSpec` states the latency its streams have.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
+import multiprocessing.connection
 import os
+import pickle
+import random
 import signal
+import struct
+import threading
 from typing import Any
 
 import httpx
@@ -20,7 +27,9 @@ import pytest
 
 from server import settings as settings_module
 from server.codes import CloseCode
+from server.engine_process import MAX_MESSAGE_BYTES, MessageReader, ProcessWorker, write_message
 from server.jobs import StreamJobSpec, TokenOutput
+from server.metrics import Metrics
 from server.settings import MAX_AUTO_PROCESSES, Settings, SettingsError, parse_settings
 from streaming.framing import SampleFormat
 from streaming.model import CodecModel
@@ -107,6 +116,100 @@ async def test_a_dead_engine_process_fails_its_sessions(clip: np.ndarray) -> Non
             assert (await client.get("/healthz")).status_code == 200
     finally:
         running.stop()
+
+
+def _messages() -> list[tuple[Any, ...]]:
+    """Child-like messages: small ones and a tick's worth of PCM outputs (~400 KB)."""
+    pcm = np.arange(320 * 600, dtype=np.int16).tobytes()
+    return [("ready", 1234), ("out", [(7, [pcm])]), ("stats", {"a": [1.5, 2]}), ("out", [])]
+
+
+@pytest.mark.parametrize("chunking", ["bytes", "random", "whole"])
+def test_message_reader_reassembles_any_split(chunking: str) -> None:
+    messages = _messages()
+    read_end, write_end = os.pipe()
+
+    def write_all() -> None:
+        for message in messages:  # the large one fills the pipe: the write continues
+            write_message(write_end, message)
+        os.close(write_end)
+
+    writer = threading.Thread(target=write_all)
+    writer.start()
+    stream = bytearray()
+    while data := os.read(read_end, 1 << 16):
+        stream += data
+    writer.join()
+    os.close(read_end)
+    stream_bytes = bytes(stream)
+    rng = random.Random(0)
+    if chunking == "bytes":  # one byte at a time near both ends, the middle in one piece
+        cuts = [*range(1, 200), *range(len(stream_bytes) - 200, len(stream_bytes))]
+    elif chunking == "random":
+        cuts = sorted(rng.sample(range(1, len(stream_bytes)), 50))
+    else:
+        cuts = []
+    bounds = [0, *cuts, len(stream_bytes)]
+    pieces = [stream_bytes[a:b] for a, b in itertools.pairwise(bounds)]
+    reader = MessageReader()
+    got = [m for piece in pieces for m in reader.feed(piece)]
+    assert got == messages
+    assert reader.pending_bytes == 0
+
+
+def test_message_reader_keeps_a_partial_message_and_rejects_a_corrupt_length() -> None:
+    reader = MessageReader()
+    assert reader.feed(b"\x00\x00") == [] and reader.pending_bytes == 2
+    assert reader.feed(b"\x00\x04\x80\x03N.") == [None]  # the length's last 2 bytes, the pickle
+    with pytest.raises(ValueError, match="corrupt"):
+        MessageReader().feed(struct.pack("!I", MAX_MESSAGE_BYTES + 1))
+
+
+def test_the_loop_reads_a_message_that_arrives_in_pieces() -> None:
+    """The loop's end of the child's pipe is non-blocking: half a message is kept, not
+    taken for a dead child (`Connection.recv` raised BlockingIOError there, under load)."""
+    worker = ProcessWorker(None, Metrics())
+    read_end, write_end = os.pipe()
+    worker._from_child = multiprocessing.connection.Connection(read_end)
+    os.set_blocking(read_end, False)
+    try:
+        payload = pickle.dumps(("ready", 4321), protocol=pickle.HIGHEST_PROTOCOL)
+        data = struct.pack("!I", len(payload)) + payload
+        os.write(write_end, data[:3])
+        worker._on_readable()
+        os.write(write_end, data[3:-1])
+        worker._on_readable()
+        assert not worker.exited and worker.pid is None
+        os.write(write_end, data[-1:])
+        worker._on_readable()
+        assert worker.pid == 4321 and not worker.exited
+        os.close(write_end)
+        worker._on_readable()  # end of file: the child is gone
+        assert worker.exited
+    finally:
+        worker._from_child.close()
+
+
+async def test_sessions_through_an_engine_process_on_uvloop(clip: np.ndarray) -> None:
+    """A uvloop server (which makes the descriptors it watches non-blocking) runs sessions
+    through an engine process as the asyncio one does."""
+    running = start_server(engine_processes=1, event_loop="uvloop")
+    try:
+        process = running.state.worker.processes[0]
+        assert type(process._loop).__module__.startswith("uvloop")
+        results = await asyncio.gather(*(_roundtrip(running, clip[: 16000 * 3]) for _ in range(6)))
+        assert all(len(pcm) == 2 * 320 * 150 for pcm, _ in results)
+        assert not process.exited
+    finally:
+        running.stop()
+
+
+def test_event_loop_setting() -> None:
+    assert Settings().event_loop == "auto"
+    assert parse_settings(["--event-loop", "asyncio"], {}).event_loop == "asyncio"
+    assert Settings.from_env({"CODECSTREAM_EVENT_LOOP": "uvloop"}).event_loop == "uvloop"
+    with pytest.raises(SettingsError, match="event_loop must be"):
+        Settings(event_loop="trio")
 
 
 def test_engine_processes_setting() -> None:
