@@ -23,6 +23,11 @@ of docs/benchmarks.md (between its markers; the rest of the file is kept).
 
     python benchmarks/bench_server.py            # ~10 s per level, < 3 min
     python benchmarks/bench_server.py --quick    # 3 levels of 3 s, < 30 s
+    python benchmarks/bench_server.py --ramp 80 --ramp-interval 0.5   # admission at capacity
+
+The levels run the server with its admission control off (`--max-slow-percent 100`: they
+measure the engine past capacity); `--ramp N` keeps it on and reports how many of N
+sessions arriving one by one were admitted and how the admitted ones fared.
 """
 
 from __future__ import annotations
@@ -91,8 +96,11 @@ def descendants(pid: int) -> list[int]:
 class ServerProcess:
     """`python -m server` in a subprocess on a free loopback port."""
 
-    def __init__(self, extra: list[str]) -> None:
+    def __init__(self, extra: list[str], *, admission: bool = False) -> None:
+        """`admission`: keep the server's admission control at capacity (off by default:
+        the levels measure the engine past it)."""
         self.port = free_port()
+        admit = [] if admission else ["--max-slow-percent", "100"]
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         cmd = [
             sys.executable,
@@ -104,6 +112,7 @@ class ServerProcess:
             "4096",
             "--log-level",
             "warning",
+            *admit,
             *extra,
         ]
         self.proc = subprocess.Popen(
@@ -127,7 +136,7 @@ class ServerProcess:
         out: dict[str, float] = {}
         pattern = re.compile(
             r"^(codecstream_frames_late_total|codecstream_batch_size_(?:sum|count)|"
-            r"codecstream_engine_cpu_seconds_total|"
+            r"codecstream_engine_cpu_seconds_total|codecstream_engine_slow_percent|"
             r"codecstream_frame_compute_seconds_(?:sum|count)|"
             r"codecstream_frame_queue_seconds_(?:sum|count))(\{[^}]*\})? (\S+)$"
         )
@@ -162,10 +171,18 @@ class ServerProcess:
 
 
 async def client(
-    url: str, pcm: bytes, start: float, seconds: float, latencies: list[float], counts: list[int]
+    url: str,
+    pcm: bytes,
+    start: float,
+    seconds: float,
+    latencies: list[float],
+    counts: list[int],
+    measure_from: float | None = None,
 ) -> None:
-    """One real-time round-trip session: send a chunk every 20 ms, time each frame back."""
+    """One real-time round-trip session: send a chunk every 20 ms, time each frame back
+    (those sent from `measure_from`, default `WARMUP_S` after `start`)."""
     frames = int(seconds / FRAME_S)
+    since = start + WARMUP_S if measure_from is None else measure_from
     sent: list[float] = [0.0] * frames
     nbytes = 2 * CHUNK
     async with websockets.connect(url, compression=None, open_timeout=30, max_queue=None) as ws:
@@ -176,7 +193,7 @@ async def client(
             k = 0
             async for message in ws:
                 if isinstance(message, bytes):
-                    if k < frames and sent[k] and sent[k] >= start + WARMUP_S:
+                    if k < frames and sent[k] and sent[k] >= since:
                         latencies.append(time.perf_counter() - sent[k])
                     k += 1
                     counts[1] += 1
@@ -245,6 +262,7 @@ async def run_level(server: ServerProcess, n: int, seconds: float, pcm: bytes) -
         "engine_cpu_percent": 100
         * delta.get("codecstream_engine_cpu_seconds_total", 0.0)
         / (t1 - t0),
+        "engine_slow_percent": after.get("codecstream_engine_slow_percent", math.nan),
         "errors": errors[:3],
         "error_count": len(errors),
     }
@@ -435,13 +453,52 @@ async def sweep(
             f"late {100 * row['late_fraction']:.2f} %, batch {row['mean_batch_encode']:.1f}, "
             f"cpu server {row['server_cpu_percent'] or 0:.0f} % (engine "
             f"{row['engine_cpu_percent']:.0f} %) clients "
-            f"{row['client_cpu_percent']:.0f} %, errors {row['error_count']}",
+            f"{row['client_cpu_percent']:.0f} %, engine slow {row['engine_slow_percent']:.1f} %, "
+            f"errors {row['error_count']}",
             flush=True,
         )
         if row["late_fraction"] > 0.5 or row["error_count"] > n // 4:
             print("overloaded: stopping the sweep", flush=True)
             break
     return rows
+
+
+async def ramp(server: ServerProcess, n: int, interval: float, hold: float) -> dict[str, Any]:
+    """Sessions arrive one every `interval` s up to `n` and all stream until `hold` s after
+    the last arrival; the round trips of the admitted sessions are measured over that hold.
+    A session the server refuses (4429, at capacity) counts as refused."""
+    url = f"ws://127.0.0.1:{server.port}/v1/roundtrip"
+    pcm = load_pcm()
+    latencies: list[float] = []
+    counts = [0, 0]
+    t0 = time.perf_counter() + 0.5
+    end = t0 + n * interval + hold
+    measure_from = t0 + n * interval
+
+    async def session(k: int) -> str:
+        start = t0 + k * interval
+        await asyncio.sleep(max(start - time.perf_counter() - 0.05, 0.0))
+        try:
+            await client(url, pcm, start, end - start, latencies, counts, measure_from)
+        except websockets.ConnectionClosed as exc:
+            code = exc.rcvd.code if exc.rcvd is not None else None
+            return "refused" if code == 4429 else f"closed {code}"
+        return "admitted"
+
+    outcomes = await asyncio.gather(*(session(k) for k in range(n)), return_exceptions=True)
+    ms = np.asarray(latencies) * 1000.0
+    labels = [o if isinstance(o, str) else repr(o) for o in outcomes]
+    return {
+        "arrivals": n,
+        "interval_s": interval,
+        "hold_s": hold,
+        "admitted": labels.count("admitted"),
+        "refused": labels.count("refused"),
+        "other": sorted({o for o in labels if o not in ("admitted", "refused")})[:3],
+        "p50_ms": float(np.percentile(ms, 50)) if ms.size else math.nan,
+        "p99_ms": float(np.percentile(ms, 99)) if ms.size else math.nan,
+        "late_fraction": float(np.mean(ms > FRAME_S * 1000)) if ms.size else math.nan,
+    }
 
 
 def run_clients(main: Any, loop: str) -> Any:
@@ -468,6 +525,15 @@ def main(argv: list[str] | None = None) -> int:
         help="event loop of the clients (default uvloop: less of the CPU they share with the "
         "server)",
     )
+    parser.add_argument(
+        "--ramp",
+        type=int,
+        metavar="N",
+        help="instead of levels: N sessions arriving one every --ramp-interval s, all held "
+        "--seconds after the last; prints admitted/refused and the admitted ones' round trips "
+        "(server with its default admission control unless --server-arg says otherwise)",
+    )
+    parser.add_argument("--ramp-interval", type=float, default=0.25, help="s between arrivals")
     parser.add_argument("--no-write", action="store_true", help="print only")
     parser.add_argument(
         "--replot", action="store_true", help="rewrite plot and doc from the saved JSON"
@@ -488,6 +554,15 @@ def main(argv: list[str] | None = None) -> int:
     seconds = args.seconds or (3.0 if args.quick else 10.0)
     budget = 22.0 if args.quick else 165.0
     random.seed(0)
+    if args.ramp:
+        server = ServerProcess(args.server_arg, admission=True)
+        try:
+            outcome = run_clients(ramp(server, args.ramp, args.ramp_interval, seconds),
+                                  args.client_loop)
+        finally:
+            server.stop()
+        print(json.dumps({"server_args": args.server_arg, **outcome}))
+        return 0
     server = ServerProcess(args.server_arg)
     try:
         card = json.loads(http_get(f"http://127.0.0.1:{server.port}/v1/models"))["models"][0]

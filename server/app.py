@@ -8,8 +8,8 @@ runs that close before uvicorn tears connections down (uvicorn alone would send 
 Routes: the HTTP endpoints of `server.http_api` and four WebSockets:
 `/v1/encode`, `/v1/decode`, `/v1/roundtrip` (`server.session.StreamSession`) and
 `/v1/rooms/{room_id}` (`server.rooms.RoomSession`); protocol in docs/protocol.md.
-Every WebSocket is accepted, then checked (API key: 4401; session limits: 4429) before its
-hello.
+Every WebSocket is accepted, then checked (API key: 4401; session limits, and for the stream
+endpoints the engine's capacity (`server.capacity`): 4429) before its hello.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import logging
 import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import Final
 
 from fastapi import FastAPI, WebSocket
 from fastapi.middleware.cors import CORSMiddleware
@@ -183,12 +184,32 @@ async def _admit(ws: WebSocket, endpoint: Endpoint) -> Lease | None:
         return None
     try:
         key = state.admission.authenticate(ws.headers, ws.query_params)
+        if endpoint in _STREAM_ENDPOINTS:
+            _check_capacity(state)
         return state.admission.acquire(key, endpoint.value)
     except AuthError as exc:
         await _refuse(ws, state, endpoint, SessionError(CloseCode.UNAUTHORIZED, exc.message))
     except SessionError as exc:
         await _refuse(ws, state, endpoint, exc)
     return None
+
+
+_STREAM_ENDPOINTS: Final = frozenset({Endpoint.ENCODE, Endpoint.DECODE, Endpoint.ROUNDTRIP})
+"""Sessions that step the engine every frame (rooms forward tokens; PCM participants are
+few and join their room's worker)."""
+
+
+def _check_capacity(state: AppState) -> None:
+    """SessionError 4429 while the engine is short of time (`server.capacity`)."""
+    limit = state.settings.max_slow_percent
+    slow = state.worker.stream_slow_percent()
+    if limit < 100.0 and slow > limit:
+        state.metrics.sessions_refused.labels("capacity").inc()
+        raise SessionError(
+            CloseCode.TOO_MANY_SESSIONS,
+            f"server at capacity: {slow:.1f} % of the engine's frames slow (limit "
+            f"{limit:g} %), retry later or elsewhere",
+        )
 
 
 async def _refuse(

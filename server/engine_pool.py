@@ -24,6 +24,7 @@ import asyncio
 import time
 from pathlib import Path
 
+from server.capacity import SlowFrameMeter
 from server.engine_process import ProcessWorker, RemoteJob
 from server.engine_worker import Delivery, EngineWorker, Job, JobHost, Sink
 from server.jobs import StreamJobSpec
@@ -91,6 +92,9 @@ class EnginePool:
         self._load: dict[JobHost, int] = dict.fromkeys(self.workers, 0)
         self._load.update(dict.fromkeys(self.processes, 0))
         """Jobs per worker (loop side)."""
+        hosts: list[EngineWorker | ProcessWorker] = [*self.workers, *self.processes]
+        self._meters = {host: SlowFrameMeter() for host in hosts}
+        """Slow frames of each worker (`server.capacity`), sampled on the loop."""
 
     # ---- life cycle -----------------------------------------------------------------------
 
@@ -164,6 +168,18 @@ class EnginePool:
             worker.submit(job, item)
 
     # ---- statistics -----------------------------------------------------------------------
+
+    def sample_slowness(self) -> None:
+        """Take a slow-frame sample of every worker where one is due (`SlowFrameMeter`; the
+        loop calls this every 0.1 s)."""
+        for host, meter in self._meters.items():
+            meter.update(host.frames_checked, host.frames_slow)
+
+    def stream_slow_percent(self) -> float:
+        """Smoothed percentage of slow frames on the worker a new stream session would go
+        to: the least slow of the engine processes, else of the threads."""
+        hosts: tuple[EngineWorker | ProcessWorker, ...] = self.processes or self.workers
+        return min(self._meters[host].slow_percent for host in hosts)
 
     def latency_summary(self) -> dict[str, dict[str, float]]:
         """{"encode"|"decode": LatencyStats.summary()} over every worker, since start."""

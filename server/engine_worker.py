@@ -84,6 +84,11 @@ _IDLE_WAIT_S: Final = 0.5
 TARGET_FRACTION: Final = 0.5
 """The batching window never delays a step beyond this fraction of the frame deadline after
 its oldest input arrived (the rest is left to the network and the event loop)."""
+SLOW_FRACTION: Final = 0.75
+"""A frame is slow when the engine took more than this fraction of the frame deadline from its
+input to its output: half is the batching target (`TARGET_FRACTION`), which the batching
+window fills on purpose, so only a frame well past it shows that the engine is short of
+time (`server.capacity`)."""
 _MIN_WAIT_S: Final = 0.0005
 """Shorter waits are not worth a sleep (and the GIL hand-off after it)."""
 _BUSY_FRACTION: Final = 0.7
@@ -151,6 +156,7 @@ class Job:
         self.finished = False
         """Set by the job when it has nothing more to do; the worker then drops it."""
         self.late_frames = 0
+        self._last_end = -math.inf  # when the job's previous frame was done (worker clock)
         self.worker: EngineWorker | None = None
         """The worker running the job (None once it left)."""
         self.home: JobHost | None = None
@@ -198,9 +204,18 @@ class Job:
         self.outbox.append(item)
 
     def check_late(self, ready: float, end: float) -> bool:
-        """Count the frame late when it ended more than one period after `ready`."""
+        """Count the frame late when it ended more than one period after `ready`, and slow
+        when it took the engine more than `slow_s` from when it could start: its `ready`,
+        or the end of the job's previous frame if later (input sent faster than real time
+        waits for its turn by design, one frame per tick)."""
         worker = self.worker
-        if worker is not None and end - ready > worker.deadline_s:
+        if worker is None:
+            return False
+        worker.frames_checked += 1
+        if end - max(ready, self._last_end) > worker.slow_s:
+            worker.frames_slow += 1
+        self._last_end = end
+        if end - ready > worker.deadline_s:
             self.late_frames += 1
             worker.count_late(self.endpoint)
             return True
@@ -296,6 +311,8 @@ class EngineWorker:
         self.period_s = model.card.frame_ms / 1000.0
         self.deadline_s = self.period_s
         self.target_s = self.deadline_s * TARGET_FRACTION
+        self.slow_s = self.deadline_s * SLOW_FRACTION
+        """A frame that took the engine longer than this is slow (`frames_slow`)."""
         """A batching window never makes a step end later than this after its oldest input."""
         self.encode_stats = LatencyStats()
         self.decode_stats = LatencyStats()
@@ -321,6 +338,11 @@ class EngineWorker:
         """Streams' frames arriving per second (smoothed), for the batching window."""
         self.windows = 0
         """Ticks that waited for a batching window."""
+        self.frames_checked = 0
+        """Frames whose deadline was checked since start (`Job.check_late`)."""
+        self.frames_slow = 0
+        """Of those, frames that took the engine longer than `slow_s` (3/4 of the period)
+        from input to output (admission at capacity: `server.capacity`)."""
         self._cpu = 0.0  # thread CPU time at the last publication (s)
         self._next_period = 0.0
         self._next_stats = 0.0

@@ -23,7 +23,12 @@ Names and labels (all counters end in `_total`; times are seconds, Prometheus st
 * `codecstream_protocol_errors_total{code}`: sessions closed on a client error, by close code
   (`4400`, `4422`, ...), and `codecstream_packet_errors_total{error}` by `ErrorCode`;
 * `codecstream_engine_ticks_total`, `codecstream_engine_cpu_seconds_total` (CPU time of the
-  engine threads, s, summed), `codecstream_engine_alive`, `codecstream_model_info`.
+  engine threads, s, summed), `codecstream_engine_alive`, `codecstream_model_info`;
+* `codecstream_engine_slow_percent`: the smoothed percentage of slow frames (over 3/4 of
+  the frame period in the engine) on the engine
+  worker a new stream session would go to (`server.capacity`; new stream sessions are
+  refused above `max_slow_percent`), and `codecstream_sessions_refused_total{reason}`
+  (`capacity`).
 
 The three per-frame histograms are `BatchHistogram`s: the engine updates them once per
 batched step (one lock per step instead of one per frame and histogram); they expose the
@@ -185,6 +190,12 @@ class Metrics:
             ["endpoint", "code"],
             registry=r,
         )
+        self.sessions_refused = Counter(
+            "codecstream_sessions_refused",
+            "Stream sessions refused because the engine was at capacity (max_slow_percent)",
+            ["reason"],
+            registry=r,
+        )
         self.frames_encoded = Counter(
             "codecstream_frames_encoded", "Frames encoded", ["endpoint"], registry=r
         )
@@ -248,6 +259,13 @@ class Metrics:
         self.engine_cpu = Counter(
             "codecstream_engine_cpu_seconds",
             "CPU time of the engine worker thread (updated every second)",
+            registry=r,
+        )
+        self.engine_slow_percent = Gauge(
+            "codecstream_engine_slow_percent",
+            "Smoothed percentage of frames the engine worker a new stream session would go to "
+            "took over 3/4 of the frame period (above max_slow_percent new stream sessions are "
+            "refused)",
             registry=r,
         )
         self.engine_alive = Gauge(

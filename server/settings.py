@@ -120,6 +120,13 @@ def auto_engine_threads(processes: int) -> int:
     return max(1, min(_available_cores() // processes, MAX_AUTO_THREADS))
 
 
+def _percent(raw: str) -> float:
+    value = float(raw)
+    if not 0.0 <= value <= 100.0:
+        raise ValueError("must be a percentage in [0, 100]")
+    return value
+
+
 def _port(raw: str) -> int:
     value = int(raw)
     if not 0 <= value <= 65535:
@@ -279,6 +286,17 @@ class Settings:
             _non_negative_float,
         ),
     )
+    max_slow_percent: float = field(
+        default=2.0,
+        metadata=_meta(
+            "MAX_SLOW_PERCENT",
+            "new encode/decode/roundtrip sessions are refused (4429 'server at capacity') "
+            "while more than this percentage of the engine's recent frames (smoothed over "
+            "~1.5 s) took it over 3/4 of the frame period, so the sessions running keep real "
+            "time; 100 = never refuse",
+            _percent,
+        ),
+    )
     max_backlog_ms: float = field(
         default=1000.0,
         metadata=_meta(
@@ -323,6 +341,10 @@ class Settings:
         if self.log_level not in ("debug", "info", "warning", "error"):
             raise SettingsError(
                 f"log_level must be debug/info/warning/error, got {self.log_level!r}"
+            )
+        if not 0.0 <= self.max_slow_percent <= 100.0:
+            raise SettingsError(
+                f"max_slow_percent must be in [0, 100], got {self.max_slow_percent!r}"
             )
         if self.event_loop not in EVENT_LOOPS:
             raise SettingsError(

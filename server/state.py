@@ -67,12 +67,15 @@ class AppState:
         self._watchdog: asyncio.Task[None] | None = None
 
     def start_watchdog(self, period_s: float = _WATCHDOG_PERIOD_S) -> None:
-        """Check every session's idle and send timeouts every `period_s` seconds."""
+        """Check every session's idle and send timeouts, and sample the engine's slow frames
+        (`server.capacity`), every `period_s` seconds."""
         self._watchdog = asyncio.create_task(self._watch(period_s))
 
     async def _watch(self, period_s: float) -> None:
         while True:
             await asyncio.sleep(period_s)
+            self.worker.sample_slowness()
+            self.metrics.engine_slow_percent.set(self.worker.stream_slow_percent())
             now = time.perf_counter()
             for session in list(self.sessions):
                 try:
