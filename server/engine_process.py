@@ -20,9 +20,9 @@ the interface of `EngineWorker` the pool uses (`add`, `remove`, `submit`, `start
   message per loop iteration at most: `submit` queues, a `call_soon` flushes); ``("stop",)``;
 * child -> parent: ``("ready", pid)``; ``("out", [(id, [output, ...]), ...])`` once per tick
   (the outputs of `StreamJob`: `Out`, `Fatal`); ``("stats", {...})`` every 0.5 s: the
-  child's cumulative frame counters, histograms, `LatencyStats` and deadline counts, which the
-  parent adds to its own metrics as increments (so `/metrics` is one view of all processes), and a
-  heartbeat for `alive`.
+  child's cumulative frame counters, histograms, `LatencyStats` and slow-frame counts, which
+  the parent adds to its own metrics as increments (so `/metrics` is one view of all
+  processes), and a heartbeat for `alive`.
 
 The parent writes with `Connection.send` (a blocking write of a whole message) and the
 child reads with `Connection.recv`.  The child's messages instead travel as length-prefixed
@@ -426,7 +426,7 @@ class ProcessWorker:
                     histogram.add_counts(label, increments, total - seen_total)
         self.encode_stats = stats["encode"]
         self.decode_stats = stats["decode"]
-        self.frames_checked, self.frames_slow = stats["deadlines"]
+        self.frames_checked, self.frames_slow = stats["slow_frames"]
 
 
 # ---- the child ----------------------------------------------------------------------------
@@ -514,7 +514,7 @@ class _ChildWorker(EngineWorker):
             "histograms": {name: getattr(self.metrics, name).snapshot() for name in _HISTOGRAMS},
             "encode": self.encode_stats,
             "decode": self.decode_stats,
-            "deadlines": (self.frames_checked, self.frames_slow),
+            "slow_frames": (self.frames_checked, self.frames_slow),
         }
 
     def _wait_input(self, timeout: float) -> None:

@@ -311,9 +311,9 @@ class EngineWorker:
         self.period_s = model.card.frame_ms / 1000.0
         self.deadline_s = self.period_s
         self.target_s = self.deadline_s * TARGET_FRACTION
+        """A batching window never makes a step end later than this after its oldest input."""
         self.slow_s = self.deadline_s * SLOW_FRACTION
         """A frame that took the engine longer than this is slow (`frames_slow`)."""
-        """A batching window never makes a step end later than this after its oldest input."""
         self.encode_stats = LatencyStats()
         self.decode_stats = LatencyStats()
         self._summary: dict[str, dict[str, float]] = {}

@@ -25,10 +25,9 @@ Names and labels (all counters end in `_total`; times are seconds, Prometheus st
 * `codecstream_engine_ticks_total`, `codecstream_engine_cpu_seconds_total` (CPU time of the
   engine threads, s, summed), `codecstream_engine_alive`, `codecstream_model_info`;
 * `codecstream_engine_slow_percent`: the smoothed percentage of slow frames (over 3/4 of
-  the frame period in the engine) on the engine
-  worker a new stream session would go to (`server.capacity`; new stream sessions are
-  refused above `max_slow_percent`), and `codecstream_sessions_refused_total{reason}`
-  (`capacity`).
+  the frame period in the engine) on the engine worker a new stream session would go to
+  (`server.capacity`; new stream sessions are refused above `max_slow_percent`), and
+  `codecstream_sessions_refused_total{reason}` (`capacity`).
 
 The three per-frame histograms are `BatchHistogram`s: the engine updates them once per
 batched step (one lock per step instead of one per frame and histogram); they expose the

@@ -72,13 +72,13 @@ def test_max_slow_percent_setting() -> None:
         Settings(max_slow_percent=-1.0)
 
 
-async def _wait_late(running: object, above: float, timeout: float = 10.0) -> float:
+async def _wait_slow(running: object, above: float, timeout: float = 10.0) -> float:
     loop = asyncio.get_running_loop()
     end = loop.time() + timeout
-    while (late := running.state.worker.stream_slow_percent()) <= above:  # type: ignore[attr-defined]
-        assert loop.time() < end, f"slow frames stayed at {late} %"
+    while (slow := running.state.worker.stream_slow_percent()) <= above:  # type: ignore[attr-defined]
+        assert loop.time() < end, f"slow frames stayed at {slow} %"
         await asyncio.sleep(0.05)
-    return float(late)
+    return float(slow)
 
 
 async def test_server_at_capacity_refuses_new_stream_sessions(clip: np.ndarray) -> None:
@@ -92,8 +92,8 @@ async def test_server_at_capacity_refuses_new_stream_sessions(clip: np.ndarray) 
             worker = running.state.worker.workers[0]
             worker.slow_s = 0.0  # every frame is slow from now on
             await send_pcm(running_session, clip[: 16000 * 3])
-            late = await _wait_late(running, 0.5)
-            assert late >= 10.0
+            slow = await _wait_slow(running, 0.5)
+            assert slow >= 10.0
             for path in ("/v1/roundtrip", "/v1/encode", "/v1/decode"):
                 code, reason = await close_code_of(running.ws(path), HELLO)
                 assert code == CloseCode.TOO_MANY_SESSIONS, (path, code, reason)
@@ -119,7 +119,7 @@ async def test_max_slow_percent_100_never_refuses(clip: np.ndarray) -> None:
             await hello(first)
             running.state.worker.workers[0].slow_s = 0.0
             await send_pcm(first, clip[: 16000 * 3])
-            await _wait_late(running, 10.0)
+            await _wait_slow(running, 10.0)
             async with connect(running.ws("/v1/roundtrip")) as second:
                 assert (await hello(second))["type"] == "ready"
     finally:

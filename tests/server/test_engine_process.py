@@ -93,7 +93,7 @@ async def test_child_metrics_reach_the_server(clip: np.ndarray) -> None:
         assert values['codecstream_frames_decoded_total{endpoint="roundtrip"}'] == 50
         assert values['codecstream_batch_size_count{direction="encode"}'] == 50
         assert values["codecstream_engine_cpu_seconds_total"] >= 0
-        process = running.state.worker.processes[0]  # deadline counts for admission
+        process = running.state.worker.processes[0]  # slow-frame counts for admission
         assert process.frames_checked >= 50 and 0 <= process.frames_slow <= process.frames_checked
     finally:
         running.stop()
