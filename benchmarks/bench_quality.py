@@ -502,9 +502,10 @@ class OursCodec(Codec):
     name = "ours"
 
     def __init__(self, model: Any, kbps_: float, pipeline: Pipeline, pipeline_name: str) -> None:
-        from streaming.protocol import read_bitstream_arrays
+        from streaming.protocol import frame_stream_bits, read_bitstream_arrays
 
         self._read = read_bitstream_arrays
+        self._stream_bits = frame_stream_bits
         self.model = model
         self.card = model.card
         self.nominal_kbps = kbps_
@@ -520,8 +521,9 @@ class OursCodec(Codec):
         if y.shape[0] != x.shape[0]:
             raise RuntimeError(f"{self.label}: output has {y.shape[0]} samples, input {x.shape[0]}")
         _, arrays = self._read(data)
-        bits = {"code_bits": self.card.code_bits, "gain_bits": self.card.gain.bits}
-        payload = sum(frame.bit_length(**bits) for frame in arrays.frames())
+        payload = self._stream_bits(
+            arrays, code_bits=self.card.code_bits, gain_bits=self.card.gain.bits
+        )
         return Coded(
             y,
             8 * len(data),

@@ -49,6 +49,7 @@ from streaming.lowband import LAYOUTS, LOWBAND_LAYOUT_NONE, MAX_LOWBAND_BINS
 __all__ = [
     "EXT_TAG_SOURCE",
     "FILE_FORMAT_VERSION",
+    "FILE_FORMAT_VERSIONS",
     "FILE_HEADER_FIXED_SIZE",
     "FILE_MAGIC",
     "FLAG_TIMES",
@@ -81,6 +82,7 @@ __all__ = [
     "encode_packet",
     "frame_bits",
     "frame_from_json",
+    "frame_stream_bits",
     "frame_to_json",
     "max_packet_size",
     "pack_frame",
@@ -112,8 +114,12 @@ Int64Array: TypeAlias = npt.NDArray[np.int64]
 PROTOCOL_VERSION: Final = 2
 """Version of the token packet (byte 1 of every packet) and of the JSON form (2: low band)."""
 
-FILE_FORMAT_VERSION: Final = 2
-"""Version of the bitstream file (byte 4 of the file; 2: frames carry the low-band field)."""
+FILE_FORMAT_VERSION: Final = 3
+"""Version of the bitstream file that writers produce (byte 4 of the file; 3: each frame's
+codebook count, layout and gain coded against the previous frame's)."""
+
+FILE_FORMAT_VERSIONS: Final = (2, 3)
+"""File versions readers accept (2: every frame payload as in a packet)."""
 
 PACKET_MAGIC: Final = 0xC5
 """First byte of every token packet."""
@@ -456,13 +462,7 @@ class TokenFrame:
 
 def _write_frame(writer: BitWriter, frame: TokenFrame, code_bits: int, gain_bits: int) -> None:
     """Append the payload bits of `frame` to `writer` (ValueError when a value does not fit)."""
-    if frame.gain_index >> gain_bits:
-        raise ValueError(f"gain_index {frame.gain_index} does not fit in {gain_bits} bits")
-    acc = 0
-    for code in frame.codes:  # check every field before the first bit is written
-        if code >> code_bits:
-            raise ValueError(f"code {code} does not fit in {code_bits} bits")
-        acc = (acc << code_bits) | code
+    acc = _check_values(frame, code_bits, gain_bits)  # before the first bit is written
     layout_id = frame.lowband_layout
     head = (frame.num_codebooks << gain_bits) | frame.gain_index
     if layout_id == LOWBAND_LAYOUT_NONE:
@@ -490,6 +490,12 @@ def _read_frame(reader: BitReader, code_bits: int, gain_bits: int, max_codebooks
     layout_id = LOWBAND_LAYOUT_NONE
     if reader.read(1):
         layout_id = 1 + reader.read(1)
+    return _read_body(reader, n, gain, layout_id, code_bits)
+
+
+def _read_body(reader: BitReader, n: int, gain: int, layout_id: int,
+               code_bits: int) -> TokenFrame:
+    """Read the n codes and the low band that follow a frame's head."""
     value = reader.read(n * code_bits)
     mask = (1 << code_bits) - 1
     codes = [0] * n
@@ -500,6 +506,112 @@ def _read_frame(reader: BitReader, code_bits: int, gain_bits: int, max_codebooks
     if layout_id != LOWBAND_LAYOUT_NONE:
         low = LAYOUTS[layout_id].decode(reader)
     return TokenFrame(n, gain, tuple(codes), layout_id, low)
+
+
+class _FileContext:
+    """What a version-3 file frame is coded against: the previous frame's codebook count,
+    low-band layout and gain index (before the first frame: 1, none, 0)."""
+
+    __slots__ = ("gain_index", "lowband_layout", "num_codebooks")
+
+    def __init__(self) -> None:
+        self.num_codebooks = 1
+        self.lowband_layout = LOWBAND_LAYOUT_NONE
+        self.gain_index = 0
+
+
+_GAIN_ESCAPE: Final = 0b111
+
+
+def _write_gain(writer: BitWriter, gain: int, previous: int, gain_bits: int) -> None:
+    """The version-3 gain code of `gain` after `previous` (docs/protocol.md): delta 0 `00`;
+    |delta| 1 `01s`; 2-3 `10sx`; 4-7 `110sxx` (s = 1 for a negative delta, x = |delta| minus
+    the range's smallest); anything else `111` and the index in `gain_bits` bits."""
+    delta = gain - previous
+    size = abs(delta)
+    sign = 1 if delta < 0 else 0
+    if size == 0:
+        writer.write(0b00, 2)
+    elif size == 1:
+        writer.write(0b010 | sign, 3)
+    elif size <= 3:
+        writer.write(0b1000 | sign << 1 | (size - 2), 4)
+    elif size <= 7:
+        writer.write(0b110000 | sign << 2 | (size - 4), 6)
+    else:
+        writer.write(_GAIN_ESCAPE << gain_bits | gain, 3 + gain_bits)
+
+
+def _read_gain(reader: BitReader, previous: int, gain_bits: int) -> int:
+    """Read a gain code (`_write_gain`); a delta wraps modulo 2**gain_bits, so every bit
+    string is a valid gain."""
+    if not reader.read(1):
+        if not reader.read(1):
+            return previous
+        smallest, extra = 1, 0
+    elif not reader.read(1):
+        smallest, extra = 2, 1
+    elif not reader.read(1):
+        smallest, extra = 4, 2
+    else:
+        return reader.read(gain_bits)
+    negative = reader.read(1)
+    size = smallest + (reader.read(extra) if extra else 0)
+    return (previous - size if negative else previous + size) % (1 << gain_bits)
+
+
+def _check_values(frame: TokenFrame, code_bits: int, gain_bits: int) -> int:
+    """The frame's codes as one integer (ValueError when a gain or code does not fit)."""
+    if frame.gain_index >> gain_bits:
+        raise ValueError(f"gain_index {frame.gain_index} does not fit in {gain_bits} bits")
+    acc = 0
+    for code in frame.codes:
+        if code >> code_bits:
+            raise ValueError(f"code {code} does not fit in {code_bits} bits")
+        acc = (acc << code_bits) | code
+    return acc
+
+
+def _write_file_frame(writer: BitWriter, frame: TokenFrame, context: _FileContext,
+                      code_bits: int, gain_bits: int) -> None:
+    """Append `frame` as a version-3 file frame coded against `context` (then updated):
+    a mode bit (`0` = the previous frame's codebook count and layout, `1` = count and layout
+    field follow), the gain code, the codes, the low band."""
+    acc = _check_values(frame, code_bits, gain_bits)  # before the first bit is written
+    layout_id = frame.lowband_layout
+    if (frame.num_codebooks, layout_id) == (context.num_codebooks, context.lowband_layout):
+        writer.write(0, 1)
+    elif layout_id == LOWBAND_LAYOUT_NONE:
+        writer.write((1 << NUM_CODEBOOKS_BITS | frame.num_codebooks) << 1,
+                     2 + NUM_CODEBOOKS_BITS)
+    else:
+        writer.write((1 << NUM_CODEBOOKS_BITS | frame.num_codebooks) << 2 | 2 | (layout_id - 1),
+                     3 + NUM_CODEBOOKS_BITS)
+    _write_gain(writer, frame.gain_index, context.gain_index, gain_bits)
+    writer.write(acc, frame.num_codebooks * code_bits)
+    if layout_id != LOWBAND_LAYOUT_NONE:
+        LAYOUTS[layout_id].encode(np.asarray(frame.lowband, dtype=np.int64), writer)
+    context.num_codebooks, context.lowband_layout = frame.num_codebooks, layout_id
+    context.gain_index = frame.gain_index
+
+
+def _read_file_frame(reader: BitReader, context: _FileContext, code_bits: int, gain_bits: int,
+                     max_codebooks: int, index: int) -> TokenFrame:
+    """Read one version-3 file frame coded against `context` (then updated)."""
+    start = reader.position
+    n, layout_id = context.num_codebooks, context.lowband_layout
+    if reader.read(1):
+        n = reader.read(NUM_CODEBOOKS_BITS)
+        if n == 0 or n > max_codebooks:
+            raise ProtocolError(
+                ErrorCode.BAD_FIELD,
+                f"frame {index}: num_codebooks {n} outside 1..{max_codebooks}",
+                offset=start >> 3,
+            )
+        layout_id = 1 + reader.read(1) if reader.read(1) else LOWBAND_LAYOUT_NONE
+    gain = _read_gain(reader, context.gain_index, gain_bits)
+    context.num_codebooks, context.lowband_layout, context.gain_index = n, layout_id, gain
+    return _read_body(reader, n, gain, layout_id, code_bits)
 
 
 def pack_frame(frame: TokenFrame, *, code_bits: int, gain_bits: int) -> bytes:
@@ -733,20 +845,55 @@ class FrameArrays:
 
 
 def pack_frame_stream(
-    frames: FrameArrays | Sequence[TokenFrame], *, code_bits: int, gain_bits: int
+    frames: FrameArrays | Sequence[TokenFrame],
+    *,
+    code_bits: int,
+    gain_bits: int,
+    version: int = FILE_FORMAT_VERSION,
 ) -> bytes:
-    """Frames as ONE continuous bit stream (no per-frame alignment), zero-padded to a byte.
+    """Frames as ONE continuous bit stream (no per-frame alignment), zero-padded to a byte:
+    the frames of a bitstream file of `version` (3: coded against the previous frame, 2:
+    each frame payload as in a packet).
 
     Cost: one short Python step per frame (about 10-20 µs with a low band).  Raises
-    ValueError when a value does not fit its field.
+    ValueError when a value does not fit its field or the version is unknown.
     """
+    return _write_stream(frames, code_bits, gain_bits, version).getvalue()
+
+
+def frame_stream_bits(
+    frames: FrameArrays | Sequence[TokenFrame],
+    *,
+    code_bits: int,
+    gain_bits: int,
+    version: int = FILE_FORMAT_VERSION,
+) -> int:
+    """Bits the frames take in a bitstream file of `version` (before the final padding):
+    the file's payload; a packet's payload is `TokenFrame.bit_length` per frame instead."""
+    return _write_stream(frames, code_bits, gain_bits, version).bit_length
+
+
+def _write_stream(
+    frames: FrameArrays | Sequence[TokenFrame], code_bits: int, gain_bits: int, version: int
+) -> BitWriter:
     _check_params(code_bits, gain_bits)
+    _check_version(version)
     if isinstance(frames, FrameArrays):
         frames = frames.frames()
     writer = BitWriter()
+    context = _FileContext()
     for frame in frames:
-        _write_frame(writer, frame, code_bits, gain_bits)
-    return writer.getvalue()
+        if version >= 3:
+            _write_file_frame(writer, frame, context, code_bits, gain_bits)
+        else:
+            _write_frame(writer, frame, code_bits, gain_bits)
+    return writer
+
+
+def _check_version(version: int) -> None:
+    if version not in FILE_FORMAT_VERSIONS:
+        raise ValueError(f"file format version must be one of {FILE_FORMAT_VERSIONS}, "
+                         f"got {version}")
 
 
 def unpack_frame_stream(
@@ -757,6 +904,7 @@ def unpack_frame_stream(
     max_codebooks: int,
     count: int | None = None,
     offset: int = 0,
+    version: int = FILE_FORMAT_VERSION,
 ) -> FrameArrays:
     """Decode a continuous bit stream of frame payloads starting at byte `offset` of `data`.
 
@@ -764,24 +912,32 @@ def unpack_frame_stream(
     `trailing_data`); with `count=None` frames are read until fewer than 8 bits remain.
     The < 8 bits after the last frame are padding and must be zero (`corrupt`).
     Also raises `truncated` and `bad_field` (count 0 or > `max_codebooks`).
-    Returns arrays with Q = `max_codebooks` code columns.
+    Returns arrays with Q = `max_codebooks` code columns.  `version`: as for
+    `pack_frame_stream`.
     """
-    frames = _unpack_frames(data, code_bits, gain_bits, max_codebooks, count, offset)
+    _check_version(version)
+    frames = _unpack_frames(data, code_bits, gain_bits, max_codebooks, count, offset, version)
     return FrameArrays.from_frames(frames, max_codebooks)
 
 
 def _unpack_frames(
     data: Buffer, code_bits: int, gain_bits: int, max_codebooks: int, count: int | None,
-    offset: int,
+    offset: int, version: int,
 ) -> list[TokenFrame]:
     """`unpack_frame_stream`'s frames as `TokenFrame`s (no arrays built)."""
     _check_params(code_bits, gain_bits, max_codebooks)
     view = memoryview(data).cast("B")[offset:]
     reader = BitReader(view)
     frames: list[TokenFrame] = []
+    context = _FileContext() if version >= 3 else None
     while (len(frames) < count) if count is not None else (reader.remaining >= 8):
         try:
-            frames.append(_read_frame(reader, code_bits, gain_bits, max_codebooks, len(frames)))
+            if context is None:
+                frame = _read_frame(reader, code_bits, gain_bits, max_codebooks, len(frames))
+            else:
+                frame = _read_file_frame(reader, context, code_bits, gain_bits, max_codebooks,
+                                         len(frames))
+            frames.append(frame)
         except ProtocolError as exc:
             if exc.code != ErrorCode.TRUNCATED:
                 where = offset + (exc.offset or 0)
@@ -1016,6 +1172,8 @@ class BitstreamHeader:
       length was known (stored as 0xFFFFFFFF).
     * `source`: the original audio (`SourceInfo`, the tag-1 extension record), or None for a
       file without the record.
+    * `version`: the file format version (`FILE_FORMAT_VERSIONS`): how the frames are coded;
+      writers use `FILE_FORMAT_VERSION` unless told otherwise.
     """
 
     model_id: str
@@ -1026,8 +1184,13 @@ class BitstreamHeader:
     num_codebooks: int
     num_frames: int | None = None
     source: SourceInfo | None = None
+    version: int = FILE_FORMAT_VERSION
 
     def __post_init__(self) -> None:
+        if self.version not in FILE_FORMAT_VERSIONS:
+            raise ValueError(
+                f"version must be one of {FILE_FORMAT_VERSIONS}, got {self.version}"
+            )
         if len(self.model_id.encode("utf-8")) > MAX_MODEL_ID_BYTES:
             raise ValueError(f"model_id longer than {MAX_MODEL_ID_BYTES} bytes of UTF-8")
         if not 1 <= self.sample_rate <= _U32_MAX:
@@ -1069,7 +1232,7 @@ def encode_file_header(header: BitstreamHeader) -> bytes:
     body = (
         _FILE_FIXED.pack(
             FILE_MAGIC,
-            FILE_FORMAT_VERSION,
+            header.version,
             0,
             length,
             header.sample_rate,
@@ -1148,10 +1311,11 @@ def decode_file_header(data: Buffer) -> tuple[BitstreamHeader, int]:
         raise ProtocolError(ErrorCode.BAD_MAGIC, f"file starts with {probe!r}, not {FILE_MAGIC!r}")
     if size < 5:
         raise ProtocolError(ErrorCode.TRUNCATED, "file ends inside its magic/version", offset=size)
-    if data[4] != FILE_FORMAT_VERSION:
+    if data[4] not in FILE_FORMAT_VERSIONS:
         raise ProtocolError(
             ErrorCode.UNKNOWN_VERSION,
-            f"file format version {data[4]} (this reader supports {FILE_FORMAT_VERSION})",
+            f"file format version {data[4]} (this reader supports "
+            f"{' and '.join(map(str, FILE_FORMAT_VERSIONS))})",
             offset=4,
         )
     if size < FILE_HEADER_FIXED_SIZE:
@@ -1221,6 +1385,7 @@ def decode_file_header(data: Buffer) -> tuple[BitstreamHeader, int]:
         q,
         None if nframes == UNKNOWN_FRAME_COUNT else nframes,
         _decode_extension(data, id_end, length - _CRC.size),
+        data[4],
     )
     return header, length
 
@@ -1241,11 +1406,12 @@ class BitstreamWriter:
     Each `add` costs O(bits of the frame), whatever the length of the stream.
     """
 
-    __slots__ = ("_bits", "_closed", "_count", "_drained", "_header", "_q")
+    __slots__ = ("_bits", "_closed", "_context", "_count", "_drained", "_header", "_q")
 
     def __init__(self, header: BitstreamHeader) -> None:
         self._header = header
         self._q = header.num_codebooks
+        self._context = _FileContext() if header.version >= 3 else None
         self._bits = BitWriter()
         self._count = 0
         self._drained = -1  # payload bytes returned by drain(); -1: header not yet returned
@@ -1274,7 +1440,12 @@ class BitstreamWriter:
             raise ValueError(f"frame has {frame.num_codebooks} codebooks, file Q is {self._q}")
         if self._count >= UNKNOWN_FRAME_COUNT - 1:
             raise ValueError("a bitstream file holds at most 2**32-2 frames")
-        _write_frame(self._bits, frame, self._header.code_bits, self._header.gain_bits)
+        header = self._header
+        if self._context is None:
+            _write_frame(self._bits, frame, header.code_bits, header.gain_bits)
+        else:
+            _write_file_frame(self._bits, frame, self._context, header.code_bits,
+                              header.gain_bits)
         self._count += 1
 
     def add_frames(self, frames: Iterable[TokenFrame]) -> None:
@@ -1343,7 +1514,8 @@ def read_bitstream(
         )
     header, offset = decode_file_header(data)
     frames = _unpack_frames(
-        data, header.code_bits, header.gain_bits, header.num_codebooks, header.num_frames, offset
+        data, header.code_bits, header.gain_bits, header.num_codebooks, header.num_frames, offset,
+        header.version,
     )
     return header, frames
 

@@ -205,7 +205,7 @@ def test_doc_section_is_replaced_between_markers(tmp_path: Path) -> None:
 
 def test_streaming_pipeline_length_bitrate_and_client_agreement() -> None:
     from streaming.model import BitrateMode, CodecModel
-    from streaming.protocol import read_bitstream
+    from streaming.protocol import frame_stream_bits, read_bitstream
 
     model = CodecModel.load()
     card = model.card
@@ -216,21 +216,24 @@ def test_streaming_pipeline_length_bitrate_and_client_agreement() -> None:
         data, y = bq.streaming_pipeline(model)(x, mode)
         assert y.shape == x.shape
         assert y.dtype == np.float32
-        payload_bytes = -(-frames * card.frame_bits(n) // 8)
-        assert len(data) > payload_bytes  # + the file header
         _, tokens = read_bitstream(data)
         assert [t.num_codebooks for t in tokens] == [n] * frames
+        # the file's frames (coded against each other) plus its header; a packet spends
+        # frame_bits(n) on each
+        payload = frame_stream_bits(tokens, code_bits=card.code_bits, gain_bits=card.gain.bits)
+        assert payload < frames * card.frame_bits(n) and len(data) > -(-payload // 8)
     one = bq.OursCodec(model, 1.0, bq.streaming_pipeline(model), "s")
     result = one.roundtrip(x)
-    assert result.payload_bits == frames * card.frame_bits(1)
+    _, tokens = read_bitstream(bq.streaming_pipeline(model)(x, one.mode)[0])
+    bits = {"code_bits": card.code_bits, "gain_bits": card.gain.bits}
+    assert result.payload_bits == frame_stream_bits(tokens, **bits) < frames * card.frame_bits(1)
     assert result.codes is not None and result.codes.shape == (frames, 1)
     coded = bq.OursCodec(model, 6.0, bq.streaming_pipeline(model), "s")  # a low-band mode
     assert coded.mode.lowband_layout != 0
     result = coded.roundtrip(x)
     data, _ = bq.streaming_pipeline(model)(x, coded.mode)
     _, tokens = read_bitstream(data)
-    bits = {"code_bits": card.code_bits, "gain_bits": card.gain.bits}
-    assert result.payload_bits == sum(t.bit_length(**bits) for t in tokens)
+    assert result.payload_bits == frame_stream_bits(tokens, **bits)
     assert any(t.lowband_layout == coded.mode.lowband_layout for t in tokens)
     ok, message = bq.compare_pipelines(model)
     if not ok:

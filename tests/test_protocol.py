@@ -31,6 +31,7 @@ from streaming.lowband_tables import MARGINALS
 from streaming.protocol import (
     EXT_TAG_SOURCE,
     FILE_FORMAT_VERSION,
+    FILE_FORMAT_VERSIONS,
     LOWBAND_LAYOUT_NONE,
     MAX_LOWBAND_BINS,
     PROTOCOL_VERSION,
@@ -128,7 +129,8 @@ PACKET_L_BYTES = bytes.fromhex(
 # the packet A of version 1 (no low-band field: 0001 100001 1111111111 0000)
 PACKET_A_V1_BYTES = bytes.fromhex("c5 01 01 00 00 00 00 07 ff ff 00 00 4e 20 18 7f f0")
 
-FILE_HEADER = BitstreamHeader("cs-test", 16000, 320, CODE_BITS, GAIN_BITS, Q, num_frames=2)
+FILE_HEADER = BitstreamHeader("cs-test", 16000, 320, CODE_BITS, GAIN_BITS, Q, num_frames=2,
+                              version=2)
 FILE_FRAMES = [TokenFrame(1, 33, (1023,)), TokenFrame(2, 0, (0, 5))]
 FILE_BYTES = bytes.fromhex(
     "43 53 54 52"  # "CSTR"
@@ -157,7 +159,7 @@ STREAMED_FILE_BYTES = bytes.fromhex(
 # 44.1 kHz; what `codec-client encode` writes
 SOURCE = SourceInfo(rate=44100, samples=110250)
 SOURCE_FILE_HEADER = BitstreamHeader(
-    "cs-test", 16000, 320, CODE_BITS, GAIN_BITS, Q, num_frames=2, source=SOURCE
+    "cs-test", 16000, 320, CODE_BITS, GAIN_BITS, Q, num_frames=2, source=SOURCE, version=2
 )
 SOURCE_FILE_BYTES = bytes.fromhex(
     "43 53 54 52 02 00"
@@ -183,6 +185,28 @@ FILE_V1_BYTES = bytes.fromhex(
     "43 53 54 52 01 00 00 21 00 00 3e 80 00 00 00 02 01 40 0a 06 0c 07 63 73 2d 74 65 73 74"
     "87 f2 dd bb 18 7f f2 00 00 01 40"
 )
+
+# version 3 (what writers produce): each frame's count/layout and gain coded against the
+# previous frame's (before the first: 1 codebook, no low band, gain 0)
+FILE_V3_HEADER = BitstreamHeader("cs-test", 16000, 320, CODE_BITS, GAIN_BITS, Q, num_frames=4)
+FILE_V3_FRAMES = [*FILE_FRAMES, TokenFrame(2, 1, (7, 8)), TokenFrame(2, 4, (9, 10))]
+FILE_V3_BYTES = bytes.fromhex(
+    "43 53 54 52"  # "CSTR"
+    "03 00"  # format version 3, flags 0
+    "00 21 00 00 3e 80"  # header length 33, sample rate 16000
+    "00 00 00 04"  # 4 frames
+    "01 40 0a 06 0c 07 63 73 2d 74 65 73 74"  # as in version 2
+    "ef 56 b0 50"  # CRC32 of bytes 0..28
+    # frame 0: 0 (1 codebook, no low band: as before the first frame) | 111 100001 (gain 33
+    #   sent whole: 33 - 0 is more than 7) | 1111111111
+    # frame 1: 1 0010 0 (2 codebooks, no low band) | 111 000000 (gain 0) | 0000000000
+    #   0000000101
+    # frame 2: 0 (same mode) | 01 0 (gain +1) | 0000000111 0000001000
+    # frame 3: 0 | 10 0 1 (gain +3) | 0000001001 0000001010
+    # = 20 + 35 + 24 + 25 = 104 bits, no padding
+    "78 7f f9 38 00 00 0a 40 38 10 90 24 0a"
+)
+
 
 # the low-band coding tables: sha256 of the code lengths of every pair position of every
 # layout (layouts by id, pairs in order, one byte per symbol); any change of
@@ -304,6 +328,47 @@ def _ref_bits(frame: TokenFrame, code_bits: int = CODE_BITS, gain_bits: int = GA
     return out
 
 
+def _ref_gain_bits(gain: int, previous: int, gain_bits: int = GAIN_BITS) -> str:
+    """Independent reference of the version-3 file's gain code."""
+    delta = gain - previous
+    sign = "1" if delta < 0 else "0"
+    size = abs(delta)
+    if size == 0:
+        return "00"
+    if size == 1:
+        return "01" + sign
+    if size <= 3:
+        return "10" + sign + format(size - 2, "01b")
+    if size <= 7:
+        return "110" + sign + format(size - 4, "02b")
+    return "111" + format(gain, f"0{gain_bits}b")
+
+
+def _ref_file_bits(
+    frames: list[TokenFrame], code_bits: int = CODE_BITS, gain_bits: int = GAIN_BITS
+) -> str:
+    """Independent reference: the frames of a version-3 file as a '0'/'1' string (each
+    frame's count and layout, and gain, coded against the previous frame's; before the
+    first: 1 codebook, no low band, gain 0)."""
+    out, previous = "", (1, 0, 0)
+    for f in frames:
+        if (f.num_codebooks, f.lowband_layout) == previous[:2]:
+            out += "0"
+        else:
+            out += "1" + format(f.num_codebooks, "04b") + _REF_LAYOUT_FIELD[f.lowband_layout]
+        out += _ref_gain_bits(f.gain_index, previous[2], gain_bits)
+        out += "".join(format(c, f"0{code_bits}b") for c in f.codes)
+        if f.lowband_layout:
+            out += _ref_lowband_bits(f.lowband_layout, f.lowband)
+        previous = (f.num_codebooks, f.lowband_layout, f.gain_index)
+    return out
+
+
+def _ref_stream_bits(frames: list[TokenFrame], version: int) -> str:
+    """The frames of a file of `version` as a '0'/'1' string."""
+    return _ref_file_bits(frames) if version == 3 else "".join(_ref_bits(f) for f in frames)
+
+
 def _bits_to_bytes(bits: str) -> bytes:
     bits += "0" * (-len(bits) % 8)
     return bytes(int(bits[i : i + 8], 2) for i in range(0, len(bits), 8))
@@ -335,6 +400,22 @@ def _random_frame(
     return TokenFrame(n, rng.randrange(1 << gain_bits), codes, layout_id, low)
 
 
+def _stream_like(frames: list[TokenFrame], rng: random.Random) -> list[TokenFrame]:
+    """`frames` reshaped like an encoder's output: mostly the previous frame's codebook count
+    and layout, gain steps of -9..9 (every branch of the file's gain code) and jumps."""
+    out: list[TokenFrame] = []
+    for f in frames:
+        if out and rng.random() < 0.7:
+            prev = out[-1]
+            n, layout_id = prev.num_codebooks, prev.lowband_layout
+            low = _random_lowband(rng, layout_id) if layout_id else ()
+            codes = tuple(rng.randrange(1 << CODE_BITS) for _ in range(n))
+            gain = min(max(prev.gain_index + rng.randint(-9, 9), 0), (1 << GAIN_BITS) - 1)
+            f = TokenFrame(n, gain, codes, layout_id, low)
+        out.append(f)
+    return out
+
+
 def _random_packet(rng: random.Random) -> TokenPacket:
     times = None
     if rng.random() < 0.5:
@@ -350,7 +431,8 @@ def _random_packet(rng: random.Random) -> TokenPacket:
 
 def test_versions() -> None:
     assert PROTOCOL_VERSION == 2
-    assert FILE_FORMAT_VERSION == 2
+    assert FILE_FORMAT_VERSION == 3
+    assert FILE_FORMAT_VERSIONS == (2, 3)
 
 
 def test_packet_vectors_encode_exactly() -> None:
@@ -434,6 +516,60 @@ def test_file_vector_writes_and_reads_exactly() -> None:
     header, frames = read_bitstream(FILE_BYTES)
     assert header == FILE_HEADER
     assert frames == FILE_FRAMES
+
+
+def test_file_v3_vector_writes_and_reads_exactly() -> None:
+    assert write_bitstream(FILE_V3_HEADER, FILE_V3_FRAMES) == FILE_V3_BYTES
+    assert FILE_V3_BYTES[33:] == _bits_to_bytes(_ref_file_bits(FILE_V3_FRAMES))
+    assert FILE_V3_BYTES[29:33] == struct.pack(">I", zlib.crc32(FILE_V3_BYTES[:29]))
+    header, frames = read_bitstream(FILE_V3_BYTES)
+    assert header == FILE_V3_HEADER and header.version == 3
+    assert frames == FILE_V3_FRAMES
+    # the first two frames cost 55 bits here and 52 in version 2 (their gains jump); the
+    # last two, which repeat the mode with small gain steps, 49 instead of 62
+    v2 = write_bitstream(FILE_HEADER, FILE_V3_FRAMES)
+    assert len(v2) - 33 == (52 + 62 + 7) // 8 and len(FILE_V3_BYTES) - 33 == 104 // 8
+    # streamed, and cut anywhere
+    writer = BitstreamWriter(replace(FILE_V3_HEADER, num_frames=None))
+    chunks = [writer.drain()]
+    for frame in FILE_V3_FRAMES:
+        writer.add(frame)
+        chunks.append(writer.drain())
+    chunks.append(writer.drain(final=True))
+    streamed = b"".join(chunks)
+    assert streamed[33:] == FILE_V3_BYTES[33:]
+    assert read_bitstream(streamed) == (replace(FILE_V3_HEADER, num_frames=None), FILE_V3_FRAMES)
+    for cut in range(len(FILE_V3_BYTES)):
+        _expect(ErrorCode.TRUNCATED, read_bitstream, FILE_V3_BYTES[:cut])
+
+
+def test_file_v3_gain_code_covers_every_step_and_wraps() -> None:
+    """Every gain step from every gain round-trips (the short codes up to |7|, the index
+    itself beyond); a delta a writer never emits still decodes, modulo 2**gain_bits, so
+    every bit string is a valid gain."""
+    for gain_bits in (1, 3, 6):
+        top = 1 << gain_bits
+        frames = [TokenFrame(1, g, (0,)) for a in range(top) for g in (a, *range(top))]
+        data = pack_frame_stream(frames, code_bits=CODE_BITS, gain_bits=gain_bits)
+        assert data == _bits_to_bytes(_ref_file_bits(frames, gain_bits=gain_bits))
+        back = unpack_frame_stream(data, code_bits=CODE_BITS, gain_bits=gain_bits,
+                                   max_codebooks=Q, count=len(frames))
+        assert back.frames() == frames
+    # gain 62, then "+7" (110 0 11): 69 wraps to 5
+    bits = "0" + "111" + format(62, "06b") + "0" * 10 + "0" + "110011" + "0" * 10
+    back = unpack_frame_stream(_bits_to_bytes(bits), **LIMITS, count=2)
+    assert back.gain_index.tolist() == [62, 5]
+
+
+def test_file_v3_payload_errors() -> None:
+    head = FILE_V3_BYTES[:33]
+    # frame 0 declares its mode: 1, count 0 / 13 (> Q = 12)
+    for count in (0, 13):
+        bits = "1" + format(count, "04b") + "0" + "00" + "0" * 10
+        error = _expect(ErrorCode.BAD_FIELD, read_bitstream, head + _bits_to_bytes(bits))
+        assert error.offset == 33 and "frame 0" in error.message
+    _expect(ErrorCode.TRAILING_DATA, read_bitstream, FILE_V3_BYTES + b"\x00")
+    _expect(ErrorCode.TRUNCATED, read_bitstream, head)  # the header says 4 frames
 
 
 def test_file_vector_with_source_record() -> None:
@@ -657,11 +793,15 @@ def test_bit_length_is_the_packed_size() -> None:
         )
 
 
-def test_random_file_round_trips_with_streaming_drains() -> None:
+@pytest.mark.parametrize("version", FILE_FORMAT_VERSIONS)
+def test_random_file_round_trips_with_streaming_drains(version: int) -> None:
     rng = random.Random(7)
     for trial in range(20):
         frames = [_random_frame(rng) for _ in range(rng.randint(0, 60))]
-        header = BitstreamHeader("m" * trial, 16000, 320, CODE_BITS, GAIN_BITS, Q)
+        if trial % 2:  # runs of one mode and small gain steps, as real streams have
+            frames = _stream_like(frames, rng)
+        header = BitstreamHeader("m" * trial, 16000, 320, CODE_BITS, GAIN_BITS, Q,
+                                 version=version)
         writer = BitstreamWriter(header)
         chunks = []
         for frame in frames:
@@ -671,7 +811,7 @@ def test_random_file_round_trips_with_streaming_drains() -> None:
         complete = writer.getvalue()
         chunks.append(writer.drain(final=True))
         streamed = b"".join(chunks)
-        payload = _bits_to_bytes("".join(_ref_bits(f) for f in frames))
+        payload = _bits_to_bytes(_ref_stream_bits(frames, version))
         assert complete.endswith(payload) and streamed.endswith(payload)
         assert len(complete) == len(streamed) == 26 + trial + len(payload)
         for data, count in ((complete, len(frames)), (streamed, None)):
@@ -679,6 +819,7 @@ def test_random_file_round_trips_with_streaming_drains() -> None:
             assert got == frames
             assert got_header.num_frames == count
             assert got_header.model_id == "m" * trial
+            assert got_header.version == version
 
 
 def test_file_with_mixed_low_bands_round_trips() -> None:
@@ -697,15 +838,16 @@ def test_file_with_mixed_low_bands_round_trips() -> None:
     assert arrays.frames() == frames
 
 
-def test_frame_stream_matches_reference() -> None:
+@pytest.mark.parametrize("version", FILE_FORMAT_VERSIONS)
+def test_frame_stream_matches_reference(version: int) -> None:
     rng = random.Random(5)
-    frames = [_random_frame(rng) for _ in range(200)]
-    expected = _bits_to_bytes("".join(_ref_bits(f) for f in frames))
+    frames = _stream_like([_random_frame(rng) for _ in range(200)], rng)
+    expected = _bits_to_bytes(_ref_stream_bits(frames, version))
     arrays = FrameArrays.from_frames(frames, Q)
-    assert pack_frame_stream(arrays, **BITS) == expected
-    assert pack_frame_stream(frames, **BITS) == expected
-    assert pack_frame_stream([], **BITS) == b""
-    back = unpack_frame_stream(expected, count=200, **LIMITS)
+    assert pack_frame_stream(arrays, **BITS, version=version) == expected
+    assert pack_frame_stream(frames, **BITS, version=version) == expected
+    assert pack_frame_stream([], **BITS, version=version) == b""
+    back = unpack_frame_stream(expected, count=200, **LIMITS, version=version)
     assert back.codes.shape == (200, Q) and back.codes.dtype == np.int64
     assert back.lowband.shape == (200, MAX_LOWBAND_BINS) and back.lowband.dtype == np.int64
     assert back.frames() == frames
@@ -713,7 +855,12 @@ def test_frame_stream_matches_reference() -> None:
     np.testing.assert_array_equal(back.gain_index, arrays.gain_index)
     np.testing.assert_array_equal(back.lowband_layout, arrays.lowband_layout)
     np.testing.assert_array_equal(back.lowband, arrays.lowband)
-    assert unpack_frame_stream(expected, **LIMITS).frames() == frames  # count unknown
+    # count unknown
+    assert unpack_frame_stream(expected, **LIMITS, version=version).frames() == frames
+    with pytest.raises(ValueError, match="version"):
+        pack_frame_stream(frames, **BITS, version=1)
+    with pytest.raises(ValueError, match="version"):
+        unpack_frame_stream(expected, **LIMITS, version=4)
 
 
 def test_frame_arrays_with_low_bands() -> None:
@@ -1165,7 +1312,7 @@ def test_file_bad_magic_and_version() -> None:
     _expect(ErrorCode.BAD_MAGIC, read_bitstream, b"RIFF" + FILE_BYTES[4:])
     _expect(ErrorCode.BAD_MAGIC, read_bitstream, b"CSX")
     _expect(ErrorCode.BAD_MAGIC, read_bitstream, PACKET_A_BYTES)
-    for version in (0, 1, 3, 255):
+    for version in (0, 1, 4, 255):
         data = FILE_BYTES[:4] + bytes([version]) + FILE_BYTES[5:]
         _expect(ErrorCode.UNKNOWN_VERSION, read_bitstream, data)
     # a version-1 header with a correct CRC is still version 1
@@ -1236,7 +1383,7 @@ def test_file_payload_errors() -> None:
     _expect(ErrorCode.BAD_FIELD, read_bitstream, STREAMED_FILE_BYTES + b"\x00")
     empty = BitstreamWriter(FILE_HEADER)
     assert read_bitstream(empty.finalize()) == (
-        BitstreamHeader("cs-test", 16000, 320, 10, 6, 12, num_frames=0),
+        BitstreamHeader("cs-test", 16000, 320, 10, 6, 12, num_frames=0, version=2),
         [],
     )
     _expect(ErrorCode.TRUNCATED, read_bitstream, FILE_BYTES[:33])  # header says 2 frames
@@ -1250,9 +1397,13 @@ def test_header_encode_decode_round_trip() -> None:
         SOURCE_FILE_HEADER,
         BitstreamHeader("m" * 64, 8000, 160, 1, 1, 1, None, SourceInfo(0xFFFFFFFF, 0)),
     ]:
-        data = encode_file_header(header)
-        assert data[4] == 2
-        assert decode_file_header(data) == (header, len(data))
+        for version in FILE_FORMAT_VERSIONS:
+            data = encode_file_header(replace(header, version=version))
+            assert data[4] == version
+            assert decode_file_header(data) == (replace(header, version=version), len(data))
+    assert BitstreamHeader("m", 16000, 320, 10, 6, 12).version == FILE_FORMAT_VERSION
+    with pytest.raises(ValueError, match="version"):
+        BitstreamHeader("m", 16000, 320, 10, 6, 12, version=1)
 
 
 # --------------------------------------------------------------------------- sequence numbers

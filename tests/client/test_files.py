@@ -19,7 +19,13 @@ from client.__main__ import main
 from client.audiofile import resample
 from streaming.lowband import LAYOUTS, dequantize_into, quantize
 from streaming.model import CodecModel
-from streaming.protocol import BitstreamWriter, SourceInfo, TokenFrame, read_bitstream
+from streaming.protocol import (
+    BitstreamWriter,
+    SourceInfo,
+    TokenFrame,
+    frame_stream_bits,
+    read_bitstream,
+)
 
 
 def offline_decode(
@@ -90,10 +96,13 @@ def test_round_trip_is_aligned_with_exact_length_and_size(
     assert header.source == SourceInfo(rate, len(x))
     assert len(frames) == math.ceil((len(x) + card.output_delay_samples) / card.frame_size)
     assert {(f.num_codebooks, f.lowband_layout) for f in frames} == {(1, 0)}
-    # bitrate = file size: header + 21 bits per frame, nothing else (131.25 bytes/s)
+    # bitrate = file size: header + the frames' bits, nothing else: at most 21 bits a frame
+    # (131.25 bytes/s, a packet's payload); the file codes each frame's mode and gain
+    # against the previous frame's: 1 bit for the repeated mode, 2-9 for the gain
     header_bytes = 26 + len(card.model_id) + 10
-    assert len(data) == header_bytes + math.ceil(21 * len(frames) / 8)
-    assert abs((len(data) - header_bytes) / (len(x) / rate) - 131.25) < 2
+    bits = frame_stream_bits(frames, code_bits=card.code_bits, gain_bits=card.gain.bits)
+    assert len(data) == header_bytes + math.ceil(bits / 8)
+    assert 10 + 1 + 2 <= bits / len(frames) <= 10 + 1 + 9 < 21
 
     y, out_rate = sf.read(out, dtype="float32")
     assert out_rate == rate and len(y) == len(x)
@@ -209,7 +218,9 @@ def test_low_band_mode_round_trip_is_aligned_and_measured(
     card = model.card
     assert {f.num_codebooks for f in frames} == {mode.num_codebooks}
     assert {f.lowband_layout for f in frames} <= {0, mode.lowband_layout}
-    bits = sum(f.bit_length(code_bits=card.code_bits, gain_bits=card.gain.bits) for f in frames)
+    bits = frame_stream_bits(frames, code_bits=card.code_bits, gain_bits=card.gain.bits)
+    assert bits < sum(f.bit_length(code_bits=card.code_bits, gain_bits=card.gain.bits)
+                      for f in frames)
     header_bytes = 26 + len(card.model_id) + 10
     assert len(data) == header_bytes + math.ceil(bits / 8)
     measured = float(summary.split("payload measured ")[1].split(" kbps")[0])
