@@ -463,15 +463,29 @@ class TokenFrame:
 def _write_frame(writer: BitWriter, frame: TokenFrame, code_bits: int, gain_bits: int) -> None:
     """Append the payload bits of `frame` to `writer` (ValueError when a value does not fit)."""
     acc = _check_values(frame, code_bits, gain_bits)  # before the first bit is written
-    layout_id = frame.lowband_layout
+    field, field_bits = _layout_field(frame.lowband_layout)
     head = (frame.num_codebooks << gain_bits) | frame.gain_index
+    writer.write(head << field_bits | field, NUM_CODEBOOKS_BITS + gain_bits + field_bits)
+    _write_body(writer, frame, acc, code_bits)
+
+
+def _layout_field(layout_id: int) -> tuple[int, int]:
+    """(value, bits) of the low-band layout field: `0` none, `10` layout 1, `11` layout 2."""
     if layout_id == LOWBAND_LAYOUT_NONE:
-        writer.write(head << 1, NUM_CODEBOOKS_BITS + gain_bits + 1)
-    else:
-        writer.write(head << 2 | 2 | (layout_id - 1), NUM_CODEBOOKS_BITS + gain_bits + 2)
-    writer.write(acc, frame.num_codebooks * code_bits)
-    if layout_id != LOWBAND_LAYOUT_NONE:
-        LAYOUTS[layout_id].encode(np.asarray(frame.lowband, dtype=np.int64), writer)
+        return 0, 1
+    return 2 | (layout_id - 1), 2
+
+
+def _read_layout_field(reader: BitReader) -> int:
+    """Read a low-band layout field (`_layout_field`)."""
+    return 1 + reader.read(1) if reader.read(1) else LOWBAND_LAYOUT_NONE
+
+
+def _write_body(writer: BitWriter, frame: TokenFrame, codes: int, code_bits: int) -> None:
+    """Append the frame's codes (`codes`: packed by `_check_values`) and its low band."""
+    writer.write(codes, frame.num_codebooks * code_bits)
+    if frame.lowband_layout != LOWBAND_LAYOUT_NONE:
+        LAYOUTS[frame.lowband_layout].encode(np.asarray(frame.lowband, dtype=np.int64), writer)
 
 
 def _read_frame(reader: BitReader, code_bits: int, gain_bits: int, max_codebooks: int,
@@ -487,9 +501,7 @@ def _read_frame(reader: BitReader, code_bits: int, gain_bits: int, max_codebooks
             offset=start >> 3,
         )
     gain = reader.read(gain_bits)
-    layout_id = LOWBAND_LAYOUT_NONE
-    if reader.read(1):
-        layout_id = 1 + reader.read(1)
+    layout_id = _read_layout_field(reader)
     return _read_body(reader, n, gain, layout_id, code_bits)
 
 
@@ -578,21 +590,27 @@ def _write_file_frame(writer: BitWriter, frame: TokenFrame, context: _FileContex
     a mode bit (`0` = the previous frame's codebook count and layout, `1` = count and layout
     field follow), the gain code, the codes, the low band."""
     acc = _check_values(frame, code_bits, gain_bits)  # before the first bit is written
-    layout_id = frame.lowband_layout
-    if (frame.num_codebooks, layout_id) == (context.num_codebooks, context.lowband_layout):
+    n, layout_id = frame.num_codebooks, frame.lowband_layout
+    if (n, layout_id) == (context.num_codebooks, context.lowband_layout):
         writer.write(0, 1)
-    elif layout_id == LOWBAND_LAYOUT_NONE:
-        writer.write((1 << NUM_CODEBOOKS_BITS | frame.num_codebooks) << 1,
-                     2 + NUM_CODEBOOKS_BITS)
     else:
-        writer.write((1 << NUM_CODEBOOKS_BITS | frame.num_codebooks) << 2 | 2 | (layout_id - 1),
-                     3 + NUM_CODEBOOKS_BITS)
+        field, field_bits = _layout_field(layout_id)
+        writer.write((1 << NUM_CODEBOOKS_BITS | n) << field_bits | field,
+                     1 + NUM_CODEBOOKS_BITS + field_bits)
     _write_gain(writer, frame.gain_index, context.gain_index, gain_bits)
-    writer.write(acc, frame.num_codebooks * code_bits)
-    if layout_id != LOWBAND_LAYOUT_NONE:
-        LAYOUTS[layout_id].encode(np.asarray(frame.lowband, dtype=np.int64), writer)
-    context.num_codebooks, context.lowband_layout = frame.num_codebooks, layout_id
+    _write_body(writer, frame, acc, code_bits)
+    context.num_codebooks, context.lowband_layout = n, layout_id
     context.gain_index = frame.gain_index
+
+
+def _write_any(writer: BitWriter, frame: TokenFrame, context: _FileContext | None,
+               code_bits: int, gain_bits: int) -> None:
+    """Append `frame` as a file frame: against `context` (version 3), or alone (None:
+    version 2, the packet's payload)."""
+    if context is None:
+        _write_frame(writer, frame, code_bits, gain_bits)
+    else:
+        _write_file_frame(writer, frame, context, code_bits, gain_bits)
 
 
 def _read_file_frame(reader: BitReader, context: _FileContext, code_bits: int, gain_bits: int,
@@ -608,7 +626,7 @@ def _read_file_frame(reader: BitReader, context: _FileContext, code_bits: int, g
                 f"frame {index}: num_codebooks {n} outside 1..{max_codebooks}",
                 offset=start >> 3,
             )
-        layout_id = 1 + reader.read(1) if reader.read(1) else LOWBAND_LAYOUT_NONE
+        layout_id = _read_layout_field(reader)
     gain = _read_gain(reader, context.gain_index, gain_bits)
     context.num_codebooks, context.lowband_layout, context.gain_index = n, layout_id, gain
     return _read_body(reader, n, gain, layout_id, code_bits)
@@ -881,12 +899,9 @@ def _write_stream(
     if isinstance(frames, FrameArrays):
         frames = frames.frames()
     writer = BitWriter()
-    context = _FileContext()
+    context = _FileContext() if version >= 3 else None
     for frame in frames:
-        if version >= 3:
-            _write_file_frame(writer, frame, context, code_bits, gain_bits)
-        else:
-            _write_frame(writer, frame, code_bits, gain_bits)
+        _write_any(writer, frame, context, code_bits, gain_bits)
     return writer
 
 
@@ -1441,11 +1456,7 @@ class BitstreamWriter:
         if self._count >= UNKNOWN_FRAME_COUNT - 1:
             raise ValueError("a bitstream file holds at most 2**32-2 frames")
         header = self._header
-        if self._context is None:
-            _write_frame(self._bits, frame, header.code_bits, header.gain_bits)
-        else:
-            _write_file_frame(self._bits, frame, self._context, header.code_bits,
-                              header.gain_bits)
+        _write_any(self._bits, frame, self._context, header.code_bits, header.gain_bits)
         self._count += 1
 
     def add_frames(self, frames: Iterable[TokenFrame]) -> None:
