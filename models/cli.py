@@ -62,10 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--lineage", default=None, metavar="TEXT",
                         help="how the checkpoint was trained, for the card (e.g. its runs)")
     export.add_argument("--weights", choices=("int8", "fp16", "fp32"), default="int8",
-                        help="weight storage: int8 (default: 8-bit Linear layers, ~12 MB, "
-                             "about twice as fast at the small batches a server runs; same "
-                             "quality as fp16 on speech, docs/model.md), fp16 (exactly the "
-                             "fp16-rounded weights; faster from ~32 streams per call) or fp32")
+                        help="weight storage: int8 (default: the ConvNeXt blocks' Linear "
+                             "layers as 8-bit integer matmuls with per-row activations, "
+                             "~12 MB, the fastest from 8 streams per call; same quality "
+                             "as the fp16 graphs on speech, docs/model.md), fp16 (exactly "
+                             "the fp16-rounded weights) or fp32")
 
     evaluate = sub.add_parser("evaluate", help="quick quality check of a checkpoint on clips")
     evaluate.add_argument("--checkpoint", type=Path, required=True)

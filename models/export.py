@@ -227,48 +227,50 @@ def store_weights_as_fp16(path: Path, min_elements: int = 1024) -> None:
     onnx.save(model, str(path))
 
 
-def linear_weight_matmuls(path: Path, model: CausalCodec) -> tuple[list[str], list[str]]:
-    """MatMul nodes of a graph whose constant operand is one of the encoder's or decoder's
-    Linear weights (names), and the other MatMuls (MDCT bases, codebook distances, tracker).
+def linear_weight_matmuls(path: Path, model: CausalCodec) -> dict[str, nn.Linear]:
+    """The MatMul nodes of a graph whose constant operand is one of the encoder's or decoder's
+    Linear weights: node name -> that Linear layer. The other MatMuls (MDCT bases, codebook
+    distances, tracker) are not listed.
 
     Matched by value, not by node name, so it does not depend on the exporter's naming.
     """
-    weights = [module.weight.detach().T.contiguous().numpy()
-               for network in (model.encoder, model.decoder)
+    modules = [module for network in (model.encoder, model.decoder)
                for module in network.modules() if isinstance(module, nn.Linear)]
+    weights = [(module, module.weight.detach().T.contiguous().numpy()) for module in modules]
     graph = onnx.load(str(path)).graph
     constants = {init.name: init for init in graph.initializer}
-    linear, other = [], []
+    found: dict[str, nn.Linear] = {}
     for node in graph.node:
-        if node.op_type != "MatMul":
+        init = constants.get(node.input[1]) if node.op_type == "MatMul" else None
+        if init is None:
             continue
-        init = constants.get(node.input[1])
-        values = onnx.numpy_helper.to_array(init) if init is not None else None
-        is_linear = values is not None and any(
-            values.shape == w.shape and np.allclose(values, w, rtol=1e-5, atol=1e-7)
-            for w in weights)
-        (linear if is_linear else other).append(node.name)
-    return linear, other
+        values = onnx.numpy_helper.to_array(init)
+        for module, w in weights:
+            if values.shape == w.shape and np.allclose(values, w, rtol=1e-5, atol=1e-7):
+                found[node.name] = module
+                break
+    return found
 
 
-def quantize_linear_weights(path: Path, model: CausalCodec, block_size: int = 32) -> int:
-    """Store the network's Linear weights as 8-bit (symmetric, one scale per block of
-    ``block_size`` input channels per output channel) in MatMulNBits nodes; return how many.
+def quantize_linear_weights(path: Path, model: CausalCodec) -> int:
+    """Store the ConvNeXt blocks' Linear layers as 8-bit integer matmuls (models/rowquant.py):
+    int8 weights with one scale per output channel, activations quantized to u8 per row at
+    run time (``down``, which reads GELU outputs, with an asymmetric range); return how many.
 
-    Weight-only quantization: activations are quantized per row and per block inside the
-    kernel (accuracy level 4), so each stream of a batch is computed independently of the
-    others (batched == unbatched). The MDCT bases, codebooks and pitch tracker stay float.
-    The scale-folded model must be passed (the weights are matched by value).
+    Each row (one stream's frame) is quantized on its own and the integer sums are exact, so
+    each stream of a batch is computed independently of the others (batched == unbatched).
+    The networks' input and output layers stay float (8-bit, the decoder's output layer alone
+    cost 0.013 PESQ-WB at 6 kbps; docs/model.md), and so do the MDCT bases, codebooks and
+    pitch tracker. The scale-folded model must be passed (the weights are matched by value).
     """
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    from models.rowquant import GELU_RANGE, SYMMETRIC_RANGE, quantize_matmuls_per_row
 
-    linear, other = linear_weight_matmuls(path, model)
-    quantizer = MatMulNBitsQuantizer(onnx.load(str(path)), bits=8, block_size=block_size,
-                                     is_symmetric=True, accuracy_level=4,
-                                     nodes_to_include=linear, nodes_to_exclude=other)
-    quantizer.process()
-    quantizer.model.save_model_to_file(str(path))
-    return len(linear)
+    blocks = [block for network in (model.encoder, model.decoder) for block in network.blocks]
+    chosen = {id(b.up): SYMMETRIC_RANGE for b in blocks} | {id(b.down): GELU_RANGE for b in blocks}
+    ranges = {name: chosen[id(module)]
+              for name, module in linear_weight_matmuls(path, model).items()
+              if id(module) in chosen}
+    return quantize_matmuls_per_row(path, ranges)
 
 
 def embed_card(path: Path, card: dict[str, Any]) -> None:
@@ -291,7 +293,7 @@ def export_model(out_dir: Path, checkpoint: Path | None = None, model_id: str | 
     ``random_weights`` labels the card; by default a model without a checkpoint is untrained.
     ``weights``: "fp32"; "fp16" rounds the weights (of ``model``, in place) to fp16 precision
     and stores them so (half the size, exact parity with the rounded model); "int8" also
-    stores the encoder's and decoder's Linear layers as 8-bit weights (MatMulNBits, about a
+    stores the encoder's and decoder's Linear layers as 8-bit integer matmuls (rowquant.py; about a
     quarter of the size, 1.5-2x faster frame steps) and the rest as fp16.
     ``prior_steps``: steps of the runs the checkpoint was fine-tuned from (the card's
     training.steps and the model id count them too; default: what the checkpoint recorded);
