@@ -259,9 +259,13 @@ def _placement(
 
 def _gather(slots: _Slots, slot_rows: I64) -> None:
     """Before a step over a subset: the states of `slot_rows` [b] (int64) into scratch rows
-    0..b-1, one vectorised copy per state tensor."""
+    0..b-1, one vectorised copy per state tensor.
+
+    ``mode="clip"``: the rows are always valid, and numpy's default (``"raise"``) copies the
+    result through a temporary buffer before ``out``, which made this gather ~1.7x slower
+    (13 of 256 rows of the 18 state tensors: 134 against 74 us)."""
     for src, dst in zip(slots.current, slots.scratch, strict=True):
-        np.take(src, slot_rows, axis=0, out=dst[: slot_rows.shape[0]])
+        np.take(src, slot_rows, axis=0, out=dst[: slot_rows.shape[0]], mode="clip")
 
 
 def _put_back(slots: _Slots, slot_rows: I64) -> None:
