@@ -293,8 +293,8 @@ def export_model(out_dir: Path, checkpoint: Path | None = None, model_id: str | 
     ``random_weights`` labels the card; by default a model without a checkpoint is untrained.
     ``weights``: "fp32"; "fp16" rounds the weights (of ``model``, in place) to fp16 precision
     and stores them so (half the size, exact parity with the rounded model); "int8" also
-    stores the encoder's and decoder's Linear layers as 8-bit integer matmuls (rowquant.py; about a
-    quarter of the size, 1.5-2x faster frame steps) and the rest as fp16.
+    stores the ConvNeXt blocks' Linear layers as 8-bit integer matmuls (models/rowquant.py:
+    about a quarter of the size, faster from 8 streams per call) and the rest as fp16.
     ``prior_steps``: steps of the runs the checkpoint was fine-tuned from (the card's
     training.steps and the model id count them too; default: what the checkpoint recorded);
     ``lineage``: free text for the card.

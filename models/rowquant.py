@@ -95,7 +95,7 @@ def _range_constants(graph: onnx.GraphProto, rng: ActivationRange) -> tuple[str,
 
 
 def _row_matmul(graph: onnx.GraphProto, node: onnx.NodeProto, weight: np.ndarray,
-                rng: ActivationRange, opset: int) -> list[onnx.NodeProto]:
+                rng: ActivationRange) -> list[onnx.NodeProto]:
     """The nodes that replace one float MatMul (same input and output names)."""
     x, y = node.input[0], node.output[0]
     p = f"{node.name or y}/rowq"
@@ -104,16 +104,10 @@ def _row_matmul(graph: onnx.GraphProto, node: onnx.NodeProto, weight: np.ndarray
     ws = _constant(graph, f"{p}/weight_scale", scale)
     inv, min_step, zero, zero_u8 = _range_constants(graph, rng)
     one = _constant(graph, "rowq_one", np.array(1.0, np.float32))
-    if opset >= 18:
-        axes = _constant(graph, "rowq_last_axis", np.array([-1], np.int64))
-        row_max = helper.make_node("ReduceMax", [f"{p}/abs", axes], [f"{p}/max"], keepdims=1,
-                                   name=f"{p}/ReduceMax")
-    else:
-        row_max = helper.make_node("ReduceMax", [f"{p}/abs"], [f"{p}/max"], axes=[-1],
-                                   keepdims=1, name=f"{p}/ReduceMax")
     return [
         helper.make_node("Abs", [x], [f"{p}/abs"], name=f"{p}/Abs"),
-        row_max,
+        helper.make_node("ReduceMax", [f"{p}/abs"], [f"{p}/max"], axes=[-1], keepdims=1,
+                         name=f"{p}/ReduceMax"),
         helper.make_node("Mul", [f"{p}/max", inv], [f"{p}/step0"], name=f"{p}/Step"),
         helper.make_node("Max", [f"{p}/step0", min_step], [f"{p}/step"], name=f"{p}/MinStep"),
         helper.make_node("Div", [x, f"{p}/step"], [f"{p}/scaled"], name=f"{p}/Div"),
@@ -133,6 +127,8 @@ def quantize_matmuls_per_row(path: Path, ranges: dict[str, ActivationRange]) -> 
     model = onnx.load(str(path))
     graph = model.graph
     opset = max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    if opset >= 18:  # ReduceMax takes its axes as an input from opset 18 on
+        raise ValueError(f"{path}: opset {opset}; the rewrite writes opset <= 17 nodes")
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     constants = {init.name: init for init in graph.initializer}
@@ -144,7 +140,7 @@ def quantize_matmuls_per_row(path: Path, ranges: dict[str, ActivationRange]) -> 
             nodes.append(node)
             continue
         weight = onnx.numpy_helper.to_array(constants[node.input[1]]).astype(np.float32)
-        nodes.extend(_row_matmul(graph, node, weight, rng, opset))
+        nodes.extend(_row_matmul(graph, node, weight, rng))
         replaced.append(node.input[1])
     del graph.node[:]
     graph.node.extend(nodes)
