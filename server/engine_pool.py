@@ -140,18 +140,27 @@ class EnginePool:
         return spec.build(self.model, sink)
 
     def add(self, job: Job, *, near: Job | None = None) -> None:
-        """Hand `job` to the least loaded worker of its kind (a `RemoteJob` to a process,
-        any other job to a thread), or to the worker of `near`."""
+        """Hand `job` to the least loaded worker of its kind (a `RemoteJob` to a running
+        process, `_usable_processes`; any other job to a thread), or to the worker of
+        `near`."""
         worker: JobHost
         if near is not None and near.home is not None:
             worker = near.home
+        elif isinstance(job, RemoteJob):
+            worker = min(self._usable_processes(), key=self._load.__getitem__)
         else:
-            hosts: tuple[JobHost, ...] = (
-                self.processes if isinstance(job, RemoteJob) else self.workers
-            )
-            worker = min(hosts, key=self._load.__getitem__)
+            worker = min(self.workers, key=self._load.__getitem__)
         self._load[worker] += 1
         worker.add(job)
+
+    def _usable_processes(self) -> tuple[ProcessWorker, ...]:
+        """The engine processes a new session may go to: the running ones, else those
+        whose replacement is due (the session waits for it), else all (a process gone for
+        good fails the session with 1011 at once)."""
+        running = tuple(p for p in self.processes if not p.exited)
+        if running:
+            return running
+        return tuple(p for p in self.processes if p.respawning) or self.processes
 
     def remove(self, job: Job) -> None:
         """Take `job` off its worker; inputs still queued for it are discarded."""

@@ -24,18 +24,26 @@ the interface of `EngineWorker` the pool uses (`add`, `remove`, `submit`, `start
   the parent adds to its own metrics as increments (so `/metrics` is one view of all
   processes), and a heartbeat for `alive`.
 
-The parent writes with `Connection.send` (a blocking write of a whole message) and the
-child reads with `Connection.recv`.  The child's messages instead travel as length-prefixed
-pickles (`write_message`: a u32 big-endian byte count, then the pickle) which the loop
-reads without blocking (`MessageReader`): an event loop may make the descriptors it watches
-non-blocking (uvloop does), and a large `out` message can arrive in several reads, which
-`Connection.recv` reports as an error (`BlockingIOError`) mid-message.
+Both directions carry length-prefixed pickles (`write_message` / `encode_message`: a u32
+big-endian byte count, then the pickle), reassembled by `MessageReader` from reads of any
+size.  The event loop never blocks on a pipe: it reads the child's messages when its end is
+readable (an event loop may make the descriptors it watches non-blocking, as uvloop does, and
+a large `out` message arrives in several reads), and its writes to the child go through a
+`PipeWriter`, which writes what the pipe takes and keeps the rest until the pipe is writable
+again.  A blocking write there could freeze the whole server: when the loop stalls, the
+child's unread outputs fill its pipe, the child blocks in its own (blocking) write and stops
+reading, and the loop's next large write would then wait for it forever.  The bytes kept are
+bounded by the sessions' flow control (each session stops reading its socket when
+`max_backlog_ms` of its input is unanswered).  The child, which has nothing else to do,
+writes with blocking writes and reads its input without blocking at the start of every tick.
 
 Arrival times cross the pipe as `time.perf_counter()` stamps taken on the loop: on Linux that
 clock is CLOCK_MONOTONIC, the same in every process, so queueing times include the hop.  A
-child that dies (crash, kill) fails its sessions with close code 1011; a session never
-touches another's state in either process.  Children ignore SIGINT (the parent stops them)
-and exit when the parent's pipe closes.
+child that dies (crash, kill) fails its sessions with close code 1011 and is started again
+(`RESPAWN_DELAY_S` later, at most `MAX_RESPAWNS` times per `RESPAWN_WINDOW_S`; not a child
+that dies before it is ready); sessions that arrive meanwhile wait in the writer for the
+new child.  A session never touches another's state in either process.  Children ignore
+SIGINT (the parent stops them) and exit when the parent's pipe closes.
 """
 
 from __future__ import annotations
@@ -49,10 +57,10 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import pickle
+import select
 import signal
 import struct
 import sys
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -65,7 +73,14 @@ from server.metrics import Metrics
 from streaming.latency import LatencyStats
 from streaming.model import CodecModel
 
-__all__ = ["MessageReader", "ProcessWorker", "RemoteJob", "write_message"]
+__all__ = [
+    "MessageReader",
+    "PipeWriter",
+    "ProcessWorker",
+    "RemoteJob",
+    "encode_message",
+    "write_message",
+]
 
 log = logging.getLogger("codecstream.engine")
 
@@ -94,13 +109,103 @@ MAX_MESSAGE_BYTES: Final = 64 << 20
 _READ_BYTES: Final = 1 << 16
 
 
-def write_message(fd: int, message: object) -> None:
-    """Write `message` to the blocking descriptor `fd` as a u32 length and its pickle (all
-    of it: a short write is continued)."""
+RESPAWN_DELAY_S: Final = 1.0
+"""Seconds between a child's unexpected exit and the start of its replacement."""
+MAX_RESPAWNS: Final = 3
+RESPAWN_WINDOW_S: Final = 60.0
+"""At most `MAX_RESPAWNS` replacements per `RESPAWN_WINDOW_S` seconds: a child that keeps
+dying stays dead (the pool then sends new sessions elsewhere, or fails them)."""
+
+
+def encode_message(message: object) -> bytes:
+    """`message` as one pipe record: its pickle's size (u32 big-endian), then the pickle."""
     payload = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-    view = memoryview(_LENGTH.pack(len(payload)) + payload)
+    return _LENGTH.pack(len(payload)) + payload
+
+
+def write_message(fd: int, message: object) -> None:
+    """Write `message` to the blocking descriptor `fd` as one record (`encode_message`; all
+    of it: a short write is continued)."""
+    view = memoryview(encode_message(message))
     while view:
         view = view[os.write(fd, view) :]
+
+
+class PipeWriter:
+    """Writes records to a non-blocking pipe without ever blocking the event loop.
+
+    `write` appends a record to the bytes pending and writes what the pipe takes now; what
+    it does not take is written from `loop.add_writer` when the pipe drains.
+    `flush_blocking` is for shutdown, off the loop: it writes what is pending within a
+    deadline.
+    """
+
+    def __init__(self, fd: int, loop: asyncio.AbstractEventLoop) -> None:
+        os.set_blocking(fd, False)
+        self._fd = fd
+        self._loop = loop
+        self._pending = bytearray()
+        self._watching = False
+        self.closed = False
+        """True after a write failed (the reader is gone) or `close`."""
+
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes accepted by `write` and not yet in the pipe."""
+        return len(self._pending)
+
+    def write(self, message: object) -> None:
+        """Queue `message` and write as much as the pipe takes (loop thread only)."""
+        if self.closed:
+            return
+        self._pending += encode_message(message)
+        self._write_some()
+
+    def _write_some(self) -> None:
+        try:
+            while self._pending:
+                del self._pending[: os.write(self._fd, self._pending)]
+        except BlockingIOError:
+            pass
+        except OSError:  # the reader is gone (the child's exit is reported by its pipe)
+            self.close()
+            return
+        self._watch(bool(self._pending))
+
+    def _watch(self, on: bool) -> None:
+        if on == self._watching:
+            return
+        self._watching = on
+        if on:
+            self._loop.add_writer(self._fd, self._write_some)
+        else:
+            self._loop.remove_writer(self._fd)
+
+    def flush_blocking(self, timeout: float) -> bool:
+        """Write what is pending, waiting for the pipe up to `timeout` s (any thread, when
+        the loop no longer runs or does not watch the pipe); True if all of it went."""
+        deadline = time.monotonic() + timeout
+        while self._pending and not self.closed:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            _, writable, _ = select.select([], [self._fd], [], left)
+            if not writable:
+                continue
+            try:
+                del self._pending[: os.write(self._fd, self._pending)]
+            except BlockingIOError:
+                continue
+            except OSError:
+                self.closed = True
+        return not self._pending
+
+    def close(self) -> None:
+        """Stop writing (pending bytes are dropped; the descriptor stays open)."""
+        self.closed = True
+        self._pending.clear()
+        with contextlib.suppress(Exception):  # the loop may be closed already
+            self._watch(False)
 
 
 class MessageReader:
@@ -191,18 +296,22 @@ class ProcessWorker:
         self._next_id = 0
         self._ops: list[tuple[Any, ...]] = []
         self._flush_scheduled = False
-        self._send_lock = threading.Lock()
         self._seen_counters: dict[tuple[str, str], float] = {}
         self._seen_histograms: dict[tuple[str, str], tuple[list[int], float]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._process: multiprocessing.process.BaseProcess | None = None
         self._to_child: Connection | None = None
         self._from_child: Connection | None = None
+        self._writer: PipeWriter | None = None
         self._reader = MessageReader()
         self._ready = asyncio.Event()
         self._stopping = False
         self.exited = False
-        """True once the child is gone (stopped or died)."""
+        """True once the child is gone (stopped or died), until a replacement starts."""
+        self.respawning = False
+        """The child died and a replacement is due (`RESPAWN_DELAY_S`)."""
+        self.respawns: list[float] = []
+        """`time.monotonic()` of each replacement started."""
 
     # ---- life cycle (loop side) -----------------------------------------------------------
 
@@ -226,8 +335,10 @@ class ProcessWorker:
         child_out.close()
         self._process, self._to_child, self._from_child = process, to_child, from_child
         self._loop = loop
+        self._writer = PipeWriter(to_child.fileno(), loop)
         os.set_blocking(from_child.fileno(), False)
         loop.add_reader(from_child.fileno(), self._on_readable)
+        self._flush()  # what sessions queued while a replacement was due
 
     async def ready(self, timeout: float) -> None:
         """Wait until the child has loaded the model (RuntimeError after `timeout` s or if
@@ -239,14 +350,27 @@ class ProcessWorker:
         if self.exited:
             raise RuntimeError(f"{self.name} exited while loading the model")
 
+    def _on_loop_thread(self) -> bool:
+        try:
+            return asyncio.get_running_loop() is self._loop
+        except RuntimeError:
+            return False
+
     def request_stop(self) -> None:
-        """Ask the child to finish its tick, fail its sessions with 1001 and exit."""
-        if self._stopping or self._to_child is None:
+        """Ask the child to finish its tick, fail its sessions with 1001 and exit (any
+        thread: from another one while the loop runs, the loop sends the request)."""
+        loop = self._loop
+        if loop is not None and loop.is_running() and not self._on_loop_thread():
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(self.request_stop)
+                return
+        if self._stopping:
             return
         self._stopping = True
-        self._flush()
-        with contextlib.suppress(OSError, ValueError):
-            self._send(("stop",))
+        self.respawning = False
+        if self._writer is not None:
+            self._flush()
+            self._writer.write(("stop",))
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop the child; wait up to `timeout` s, then kill it (any thread)."""
@@ -254,6 +378,11 @@ class ProcessWorker:
         process = self._process
         if process is None:
             return
+        loop = self._loop
+        writer = self._writer
+        if writer is not None and (self._on_loop_thread() or loop is None
+                                   or not loop.is_running()):
+            writer.flush_blocking(timeout)  # nobody else will write the request
         process.join(timeout)
         if process.is_alive():
             log.warning("%s did not stop in %.1f s: killing it", self.name, timeout)
@@ -277,12 +406,18 @@ class ProcessWorker:
     # ---- jobs (loop side) -----------------------------------------------------------------
 
     def add(self, job: Job) -> None:
-        """Build `job` (a `RemoteJob`) in the child."""
+        """Build `job` (a `RemoteJob`) in the child; if the child is gone for good (no
+        replacement due), the job fails at once with 1011."""
         if not isinstance(job, RemoteJob):
             raise TypeError("an engine process runs RemoteJobs only")
         job.job_id = self._next_id
         self._next_id += 1
         job.home = self
+        if self.exited and not self.respawning:
+            fatal = Fatal(CloseCode.INTERNAL_ERROR, "no engine process is running")
+            if self._loop is not None:
+                self._loop.call_soon(job.sink, [fatal])
+            return
         self._jobs[job.job_id] = job
         self._queue(("add", job.job_id, job.spec))
 
@@ -308,20 +443,14 @@ class ProcessWorker:
             self._loop.call_soon(self._flush)
 
     def _flush(self) -> None:
+        """Send the ops queued in this loop iteration (kept while a replacement is due;
+        dropped if the child is gone for good: its sessions have failed)."""
         self._flush_scheduled = False
-        ops, self._ops = self._ops, []
-        if ops and not self.exited:
-            try:
-                self._send(("ops", ops))
-            except (OSError, ValueError):  # the child is gone: the reader reports it
-                log.warning("%s: pipe closed, %d messages dropped", self.name, len(ops))
-
-    def _send(self, message: tuple[Any, ...]) -> None:
-        connection = self._to_child
-        if connection is None:
+        if not self._ops or self.respawning:
             return
-        with self._send_lock:
-            connection.send(message)
+        ops, self._ops = self._ops, []
+        if self._writer is not None and not self.exited:
+            self._writer.write(("ops", ops))
 
     # ---- messages from the child (loop) ---------------------------------------------------
 
@@ -370,11 +499,18 @@ class ProcessWorker:
             self._ready.set()
 
     def _exited(self) -> None:
-        """The child's pipe closed: it stopped or died; fail whatever sessions it had."""
+        """The child's pipe closed: it stopped or died; fail whatever sessions it had, and
+        start a replacement if it died after it was ready (`_respawn`)."""
         if self._loop is not None and self._from_child is not None:
             self._loop.remove_reader(self._from_child.fileno())
+        if self._writer is not None:
+            self._writer.close()
+        was_ready = self._ready.is_set()
         self.exited = True
+        self._ops.clear()  # for the sessions failed below
         self._ready.set()  # wake `ready` waiters (they check `exited`)
+        if was_ready and not self._stopping and self._loop is not None:
+            self._schedule_respawn(self._loop)
         jobs, self._jobs = list(self._jobs.values()), {}
         if jobs and not self._stopping:
             log.error("%s exited unexpectedly (%s): failing its %d sessions", self.name,
@@ -387,6 +523,35 @@ class ProcessWorker:
         for job in jobs:
             with contextlib.suppress(Exception):
                 job.sink([fatal])
+
+    def _schedule_respawn(self, loop: asyncio.AbstractEventLoop) -> None:
+        now = time.monotonic()
+        self.respawns = [t for t in self.respawns if now - t < RESPAWN_WINDOW_S]
+        if len(self.respawns) >= MAX_RESPAWNS:
+            log.error("%s died %d times within %.0f s: not starting it again", self.name,
+                      len(self.respawns) + 1, RESPAWN_WINDOW_S)
+            return
+        self.respawning = True
+        loop.call_later(RESPAWN_DELAY_S, self._respawn)
+
+    def _respawn(self) -> None:
+        """Start a replacement child with fresh pipes and metrics baselines."""
+        if self._stopping or not self.respawning or self._loop is None:
+            return
+        for connection in (self._to_child, self._from_child):
+            if connection is not None:
+                with contextlib.suppress(OSError):
+                    connection.close()
+        self._process = self._to_child = self._from_child = self._writer = None
+        self._reader = MessageReader()
+        self._seen_counters.clear()  # the new child counts from zero
+        self._seen_histograms.clear()
+        self.pid, self.heartbeat = None, -math.inf
+        self._ready.clear()
+        self.exited = self.respawning = False
+        self.respawns.append(time.monotonic())
+        log.warning("%s: starting a replacement", self.name)
+        self.start(self._loop)
 
     def _exit_status(self) -> str:
         """How the child ended, for the log: its exit code or the signal that killed it."""
@@ -496,6 +661,9 @@ class _ChildWorker(EngineWorker):
                          delivery=delivery, name=name)
         delivery.snapshot = self.snapshot
         self._inbound = inbound
+        self._inbound_fd = inbound.fileno()
+        os.set_blocking(self._inbound_fd, False)
+        self._inbound_reader = MessageReader()
         self._by_id: dict[int, Job] = {}
         self._next_report = 0.0
 
@@ -518,20 +686,31 @@ class _ChildWorker(EngineWorker):
         }
 
     def _wait_input(self, timeout: float) -> None:
-        with contextlib.suppress(EOFError, OSError):
-            self._inbound.poll(timeout)
+        with contextlib.suppress(OSError, ValueError):
+            select.select([self._inbound_fd], [], [], timeout)
+
+    def _read_inbound(self) -> list[Any]:
+        """The parent's messages complete now (without blocking); stop if it is gone."""
+        messages: list[Any] = []
+        while True:
+            try:
+                data = os.read(self._inbound_fd, _READ_BYTES)
+            except BlockingIOError:
+                return messages
+            except OSError:
+                data = b""
+            if not data:  # the parent is gone
+                self.request_stop()
+                return messages
+            messages += self._inbound_reader.feed(data)
 
     def _drain(self) -> None:
-        try:
-            while self._inbound.poll():
-                message = self._inbound.recv()
-                if message[0] == "stop":
-                    self.request_stop()
-                    break
-                for op in message[1]:
-                    self._apply(op)
-        except (EOFError, OSError):  # the parent is gone
-            self.request_stop()
+        for message in self._read_inbound():
+            if message[0] == "stop":
+                self.request_stop()
+                break
+            for op in message[1]:
+                self._apply(op)
         now = time.monotonic()
         if now >= self._next_report:
             self._next_report = now + _STATS_PERIOD_S

@@ -107,13 +107,16 @@ class Out:
     * `data`: binary (bytes) or text (str) payload;
     * `frames`: input frames this message completes (flow control on the loop);
     * `stamp`: byte offset of a `server_send_us` field to fill just before sending (-1: none);
-    * `close`: close the session normally (1000) after sending it.
+    * `close`: close the session normally (1000) after sending it;
+    * `reply`: it answers a client request (`set_bitrate`, `flush`): the session counts the
+      replies it owes (flow control of control messages, `server.session`).
     """
 
     data: bytes | str
     frames: int = 0
     stamp: int = -1
     close: bool = False
+    reply: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,7 +14,8 @@
 File jobs run on the engine worker like any stream (one frame per tick, batched with the live
 sessions), count as sessions against the limits, and need an API key when keys are set.
 Errors are JSON `{"error": <short code>, "detail": <message>}` with a precise 4xx status:
-400 bad query, 401 no/unknown key, 413 body over `max_upload_bytes`, 415 not a usable WAV or
+400 bad query, 401 no/unknown key, 408 body not received within `upload_timeout_s`, 413
+body over `max_upload_bytes` or audio over `max_file_seconds`, 415 not a usable WAV or
 sample rate, 422 malformed bitstream (the `ErrorCode`) or one made by another model, 429 too
 many sessions, 503 not ready.
 """
@@ -22,12 +23,14 @@ many sessions, 503 not ready.
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 from typing import Any, Final
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.requests import ClientDisconnect
 
 from server.auth import AuthError, Lease
 from server.codes import SessionError
@@ -40,6 +43,7 @@ from server.messages import (
     mode_of,
     named_modes,
 )
+from server.settings import Settings
 from server.state import AppState
 from server.wav import WavError, read_wav, write_wav
 from streaming.framing import SUPPORTED_RATES, SampleFormat
@@ -48,6 +52,7 @@ from streaming.model import BitrateMode, ModelCard
 from streaming.protocol import (
     BitstreamHeader,
     BitstreamWriter,
+    ErrorCode,
     ProtocolError,
     TokenFrame,
     read_bitstream,
@@ -96,20 +101,42 @@ def _admit(state: AppState, request: Request, endpoint: str) -> Lease:
         raise HttpError(429, "too_many_sessions", exc.reason) from None
 
 
-async def _body(request: Request, limit: int) -> bytes:
+async def _body(request: Request, settings: Settings) -> bytes:
+    """The whole request body: at most `max_upload_bytes` (413), received within
+    `upload_timeout_s` (408: a stalled upload must not hold its session slot), not empty."""
+    limit = settings.max_upload_bytes
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise HttpError(413, "too_large", f"body of {declared} bytes exceeds {limit} bytes")
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise HttpError(413, "too_large", f"body exceeds {limit} bytes")
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(settings.upload_timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise HttpError(413, "too_large", f"body exceeds {limit} bytes")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise HttpError(
+            408, "upload_timeout",
+            f"the body did not arrive within {settings.upload_timeout_s:g} s ({size} bytes "
+            "received)",
+        ) from None
+    except ClientDisconnect:
+        raise HttpError(400, "client_disconnected", "the client left during the upload") from None
     if not size:
         raise HttpError(400, "empty_body", "the request body is empty")
     return b"".join(chunks)
+
+
+def _check_duration(settings: Settings, seconds: float, what: str) -> None:
+    """413 when a file job's audio is longer than `max_file_seconds`."""
+    if seconds > settings.max_file_seconds:
+        raise HttpError(
+            413, "too_long",
+            f"{what} is {seconds:.1f} s of audio; the limit is {settings.max_file_seconds:g} s",
+        )
 
 
 async def _run_job(state: AppState, job: StreamJob, items: list[object]) -> list[Any]:
@@ -273,12 +300,13 @@ async def _encode(request: Request) -> Response:
     lease = _admit(state, request, "http_encode")
     try:
         mode = _mode_query(state, request)
-        body = await _body(request, state.settings.max_upload_bytes)
+        body = await _body(request, state.settings)
         state.metrics.bytes_received.labels("http_encode").inc(len(body))
         try:
             pcm, rate = await asyncio.to_thread(read_wav, body)
         except WavError as exc:
             raise HttpError(exc.status, "bad_wav", exc.message) from None
+        _check_duration(state.settings, len(pcm) / rate, "the WAV file")
         if rate not in SUPPORTED_RATES:
             raise HttpError(
                 415,
@@ -383,12 +411,22 @@ async def _decode(request: Request) -> Response:
     lease = _admit(state, request, "http_decode")
     try:
         rate = _rate_query(state, request)
-        body = await _body(request, state.settings.max_upload_bytes)
+        body = await _body(request, state.settings)
         state.metrics.bytes_received.labels("http_decode").inc(len(body))
+        max_frames = math.floor(
+            state.settings.max_file_seconds * state.card.sample_rate / state.card.frame_size
+        )
         try:
-            header, frames = await asyncio.to_thread(read_bitstream, body)
+            header, frames = await asyncio.to_thread(
+                functools.partial(read_bitstream, body, max_frames=max_frames)
+            )
         except ProtocolError as exc:
             state.metrics.packet_errors.labels(exc.code.value).inc()
+            if exc.code == ErrorCode.OVERSIZED:
+                raise HttpError(
+                    413, "too_long",
+                    f"{exc.message} (max_file_seconds {state.settings.max_file_seconds:g} s)",
+                ) from None
             raise HttpError(422, exc.code.value, exc.message) from None
         _check_header(state, header)
         job = StreamJob(

@@ -320,7 +320,7 @@ class StreamJob(Job):
         encoder.set_mode(mode)
         if not self.http:
             reply = {"type": "bitrate", **mode_fields(mode), "from_frame": encoder.frames_encoded}
-            self.emit(Out(to_text(reply)))
+            self.emit(Out(to_text(reply), reply=True))
 
     def _finish_flush(self, end: bool) -> None:
         decoder = self.decoder
@@ -350,7 +350,7 @@ class StreamJob(Job):
             )
             self.finished = True
         else:
-            self.emit(Out(to_text({"type": "flushed", "frames": self.frames_out})))
+            self.emit(Out(to_text({"type": "flushed", "frames": self.frames_out}), reply=True))
 
     # ---- outputs --------------------------------------------------------------------------
 

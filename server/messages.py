@@ -30,6 +30,7 @@ from streaming.model import BitrateMode, ModelCard
 from streaming.protocol import ProtocolError, TokenPacket, packet_from_json
 
 __all__ = [
+    "MAX_PING_ID_BYTES",
     "PROTOCOL_VERSION",
     "Control",
     "End",
@@ -64,6 +65,11 @@ NAMED_BITRATES_KBPS: Final = (1.0, 3.0, 6.0)
 
 MAX_NAME_CHARS: Final = 64
 """Longest room display name."""
+
+MAX_PING_ID_BYTES: Final = 256
+"""Longest ping `id`, as compact JSON (the form the pong echoes it in): every ping is
+answered ahead of queued media, so a bigger id would let a client make the server queue
+large replies."""
 
 
 def clock_us(seconds: float) -> int:
@@ -187,12 +193,31 @@ Control = SetBitrate | Flush | End | Ping | PacketMessage
 # ---- parsing helpers ----------------------------------------------------------------------
 
 
+def _reject_constant(name: str) -> Any:
+    """`json.loads` hook: NaN, Infinity and -Infinity are not JSON (and no reply could echo
+    them: `to_text` refuses them)."""
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def _finite_float(text: str) -> float:
+    """`json.loads` hook: a JSON number too large for a double (it would become inf)."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:20]} is out of range")
+    return value
+
+
 def parse_text(text: str) -> dict[str, Any]:
-    """The JSON object of a text message; 1007 when it is not JSON or not an object."""
+    """The JSON object of a text message; 1007 when it is not JSON (NaN, Infinity, numbers
+    beyond a double and nesting too deep to parse included) or not an object."""
     try:
-        value = json.loads(text)
+        value = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
     except ValueError as exc:
         raise SessionError(CloseCode.INVALID_PAYLOAD, f"text message is not JSON: {exc}") from None
+    except RecursionError:
+        raise SessionError(
+            CloseCode.INVALID_PAYLOAD, "text message is not JSON: nested too deeply"
+        ) from None
     if not isinstance(value, dict):
         raise SessionError(
             CloseCode.INVALID_PAYLOAD,
@@ -205,10 +230,19 @@ def _bad(reason: str) -> SessionError:
     return SessionError(CloseCode.BAD_REQUEST, reason)
 
 
+def _show(value: object, limit: int = 40) -> str:
+    """At most `limit` characters of `value` as JSON, for a close reason (never raises: a
+    value nested too deeply to serialise is shown by its type)."""
+    try:
+        return json.dumps(value)[:limit]
+    except (ValueError, RecursionError):
+        return type(value).__name__
+
+
 def _get_int(obj: dict[str, Any], key: str, lo: int, hi: int) -> int:
     value = obj[key]
     if type(value) is not int:
-        raise _bad(f"{key} must be an integer, got {json.dumps(value)[:40]}")
+        raise _bad(f"{key} must be an integer, got {_show(value)}")
     if not lo <= value <= hi:
         raise _bad(f"{key} must be in {lo}..{hi}, got {value}")
     return value
@@ -217,14 +251,28 @@ def _get_int(obj: dict[str, Any], key: str, lo: int, hi: int) -> int:
 def _get_bool(obj: dict[str, Any], key: str) -> bool:
     value = obj[key]
     if type(value) is not bool:
-        raise _bad(f"{key} must be true or false, got {json.dumps(value)[:40]}")
+        raise _bad(f"{key} must be true or false, got {_show(value)}")
     return value
 
 
 def _get_choice(obj: dict[str, Any], key: str, choices: tuple[str, ...]) -> str:
     value = obj[key]
     if not isinstance(value, str) or value not in choices:
-        raise _bad(f"{key} must be one of {', '.join(choices)}, got {json.dumps(value)[:40]}")
+        raise _bad(f"{key} must be one of {', '.join(choices)}, got {_show(value)}")
+    return value
+
+
+def _get_kbps(obj: dict[str, Any]) -> float:
+    """`bitrate_kbps` as a finite float (4400 for a non-number, or one no double holds)."""
+    kbps = obj["bitrate_kbps"]
+    if isinstance(kbps, bool) or not isinstance(kbps, (int, float)):
+        raise _bad(f"bitrate_kbps must be a number, got {_show(kbps)}")
+    try:
+        value = float(kbps)
+    except OverflowError:  # an int beyond the range of a double
+        value = math.inf
+    if not math.isfinite(value):
+        raise _bad(f"bitrate_kbps is out of range, got {_show(kbps)}")
     return value
 
 
@@ -258,16 +306,14 @@ def _mode(obj: dict[str, Any], card: ModelCard, default: BitrateMode | None) -> 
             if type(value) is not int or value not in layouts:
                 raise _bad(
                     f"lowband_layout must be one of {', '.join(map(str, layouts))}, "
-                    f"got {json.dumps(value)[:40]}"
+                    f"got {_show(value)}"
                 )
             layout = value
         return mode_of(card, n, layout)
     if has_kbps:
-        kbps = obj["bitrate_kbps"]
-        if isinstance(kbps, bool) or not isinstance(kbps, (int, float)) or not math.isfinite(kbps):
-            raise _bad(f"bitrate_kbps must be a number, got {json.dumps(kbps)[:40]}")
+        kbps = _get_kbps(obj)
         try:
-            return card.mode_for_bitrate(float(kbps))
+            return card.mode_for_bitrate(kbps)
         except ValueError as exc:
             raise _bad(f"bitrate_kbps: {exc}") from None
     if default is None:
@@ -357,12 +403,12 @@ def _allowed_fields(endpoint: Endpoint, send: Media, receive: Media) -> set[str]
 def _check_head(obj: dict[str, Any]) -> None:
     kind = obj.get("type")
     if kind != "hello":
-        raise _bad(f"the first message must be a hello, got type {json.dumps(kind)[:40]}")
+        raise _bad(f"the first message must be a hello, got type {_show(kind)}")
     if "version" not in obj:
         raise _bad("hello: required field version is missing")
     version = obj["version"]
     if type(version) is not int:
-        raise _bad(f"version must be an integer, got {json.dumps(version)[:40]}")
+        raise _bad(f"version must be an integer, got {_show(version)}")
     if version != PROTOCOL_VERSION:
         raise SessionError(
             CloseCode.UNSUPPORTED_VERSION,
@@ -385,7 +431,7 @@ def _pcm_format(obj: dict[str, Any], card: ModelCard) -> tuple[int, SampleFormat
         if type(value) is not int or value not in SUPPORTED_RATES:
             raise SessionError(
                 CloseCode.UNSUPPORTED_FORMAT,
-                f"sample_rate {json.dumps(value)[:20]} is not supported (use "
+                f"sample_rate {_show(value, 20)} is not supported (use "
                 f"{', '.join(map(str, SUPPORTED_RATES))})",
             )
         rate = value
@@ -396,7 +442,7 @@ def _pcm_format(obj: dict[str, Any], card: ModelCard) -> tuple[int, SampleFormat
         if not isinstance(value, str) or value not in formats:
             raise SessionError(
                 CloseCode.UNSUPPORTED_FORMAT,
-                f"format {json.dumps(value)[:20]} is not supported (use {' or '.join(formats)})",
+                f"format {_show(value, 20)} is not supported (use {' or '.join(formats)})",
             )
         fmt = SampleFormat(value)
     return rate, fmt
@@ -474,13 +520,32 @@ def _control_allowed(kind: str, hello: Hello) -> bool:
     return True
 
 
+def _ping(obj: dict[str, Any]) -> Ping:
+    """A ping whose `id` (if any) the pong can echo: compact JSON of at most
+    `MAX_PING_ID_BYTES` bytes (else 4400)."""
+    if "id" not in obj:
+        return Ping(None, False)
+    value = obj["id"]
+    try:
+        size = len(json.dumps(value, separators=(",", ":"), allow_nan=False))
+    except ValueError:  # NaN or Infinity (only in a dict that did not come from parse_text)
+        raise _bad("ping: id must be a JSON value (no NaN or Infinity)") from None
+    except RecursionError:
+        raise _bad(
+            f"ping: id is nested too deeply, at most {MAX_PING_ID_BYTES} bytes of JSON allowed"
+        ) from None
+    if size > MAX_PING_ID_BYTES:
+        raise _bad(f"ping: id is {size} bytes of JSON, at most {MAX_PING_ID_BYTES} allowed")
+    return Ping(value, True)
+
+
 def parse_control(obj: dict[str, Any], hello: Hello, card: ModelCard) -> Control:
     """Validate a text message after the hello (docs/protocol.md, "Control messages")."""
     kind = obj.get("type")
     if kind == "hello":
         raise _bad("hello already received")
     if not isinstance(kind, str) or kind not in _CONTROL_FIELDS:
-        raise _bad(f"unknown message type {json.dumps(kind)[:40]}")
+        raise _bad(f"unknown message type {_show(kind)}")
     extra = sorted(set(obj) - _CONTROL_FIELDS[kind])
     if extra:
         raise _bad(f"{kind}: unknown field {extra[0]!r}")
@@ -498,7 +563,7 @@ def parse_control(obj: dict[str, Any], hello: Hello, card: ModelCard) -> Control
     if kind == "end":
         return End()
     if kind == "ping":
-        return Ping(obj.get("id"), "id" in obj)
+        return _ping(obj)
     if "packet" not in obj:
         raise _bad("packet: required field packet is missing")
     try:

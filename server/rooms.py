@@ -13,7 +13,13 @@ receives PCM, the packets also go to the room mixer.
 
 Real time: each sender has a `RealTimeBudget` (real time plus a burst of `max_backlog_ms`);
 input beyond it is dropped and counted (reason `rate`).  Receivers have bounded outboxes
-(`send_queue` messages, oldest dropped, reason `send_queue`).  Rooms have no idle timeout.
+(`send_queue` media messages, oldest dropped, reason `send_queue`).  Events and control
+replies (`joined`, `left`, `pong`, `bitrate`) go through the outbox's urgent lane, never
+dropped and bounded to `CONTROL_LIMIT` (server.outbox): the receive loop stops reading while
+that many replies are owed, and an event that finds the lane full closes the participant
+with 4408.  The `end` reply is the outbox's last item: never dropped, and media forwarded
+after it are discarded.  Rooms have no idle timeout; after `end` the session keeps reading
+(ignoring input) so that a disconnect is noticed.
 """
 
 from __future__ import annotations
@@ -190,7 +196,9 @@ class RoomSession(Session):
 
     def _make_outbox(self) -> Outbox[Out]:
         dropped = self.state.metrics.frames_dropped.labels("send_queue")
-        return Outbox(self.settings.send_queue, on_drop=lambda _: dropped.inc())
+        return Outbox(
+            self.settings.send_queue, on_drop=lambda _: dropped.inc(), on_full=self._outbox_full
+        )
 
     async def _serve(self) -> None:
         if not ROOM_ID_PATTERN.fullmatch(self.room_id):
@@ -307,17 +315,18 @@ class RoomSession(Session):
             if room is not None and isinstance(item, Out):
                 if isinstance(item.data, bytes):
                     room.forward(self.pid, item)
-                else:
-                    self.outbox.put(item)  # bitrate replies
+                else:  # bitrate replies: urgent (never dropped, unlike media)
+                    self.outbox.put(item, urgent=True)
 
     def _on_control(self, control: Control) -> None:
         if isinstance(control, SetBitrate) and self.job is not None:
             self.state.worker.submit(self.job, SetMode(control.mode))
+            self._pending_controls += 1  # replied `bitrate` (flow control, server.session)
         elif isinstance(control, End):
             self._leave_reason = "end"
             frames = self.job.frames_out if self.job is not None else self.frames_in
             late = self.job.late_frames if self.job is not None else 0
-            self.outbox.put(
+            self.outbox.put_last(  # never dropped; later media are discarded
                 Out(
                     to_text(
                         {

@@ -19,6 +19,17 @@ the 123 bytes a close frame allows.
 out from one sender task.  Flow control: the receive loop stops reading while more than
 `max_backlog_ms` of input has not been answered (sent), which lets TCP slow down a client that
 sends faster than real time.
+
+Every session also flow-controls its control replies: the receive loop stops reading while
+`CONTROL_LIMIT` (64) replies are owed to the client (`pong`s and events unsent in the
+outbox's urgent lane, plus `set_bitrate` / `flush` requests whose reply has not been sent),
+so a client that sends pings or `set_bitrate`s and does not read holds at most 64 replies
+on the server and is closed with 4408 by the send timeout.  An event that finds the urgent
+lane full (the client does not read) closes the session with 4408 at once.
+
+After `end` the session keeps receiving (and ignores what comes) until its `end` reply is
+sent, so that a client that disconnects meanwhile is noticed.  The `end` reply is the
+outbox's last item: never dropped, sent after the output queued before it.
 """
 
 from __future__ import annotations
@@ -55,7 +66,7 @@ from server.messages import (
     parse_text,
     to_text,
 )
-from server.outbox import Outbox
+from server.outbox import CONTROL_LIMIT, Outbox
 from server.state import AppState
 from streaming.protocol import ProtocolError, decode_packet
 
@@ -113,6 +124,8 @@ class Session:
         )
         self._tasks: list[asyncio.Task[None]] = []
         self._reading = True
+        self._progress = asyncio.Event()  # set by the sender after each message
+        self._pending_controls = 0  # set_bitrate / flush requests whose reply is not sent
         self._rx_since: float | None = None  # waiting for a client message since (s)
         self._tx_since: float | None = None  # a send blocked since (s)
         label = self.endpoint.value
@@ -120,7 +133,15 @@ class Session:
         self._bytes_out = self.metrics.bytes_sent.labels(label)
 
     def _make_outbox(self) -> Outbox[Out]:
-        return Outbox()
+        return Outbox(on_full=self._outbox_full)
+
+    def _outbox_full(self, item: Out) -> None:
+        """An urgent message found the urgent lane full: the client does not read."""
+        self.close(
+            CloseCode.TIMEOUT,
+            f"send queue full: {self.outbox.urgent_limit} control messages unsent, "
+            "the client is not reading",
+        )
 
     def __repr__(self) -> str:
         state = "closing" if self.closing else "open"
@@ -203,7 +224,15 @@ class Session:
         await self._start(hello)
         self._tasks.append(asyncio.create_task(self._guarded(self._send_loop())))
         await self._receive_loop()
-        await asyncio.Event().wait()  # after `end`: wait for the sender to close
+        await self._ignore_input()  # after `end`: until the sender closes or the peer goes
+
+    async def _ignore_input(self) -> None:
+        """Read and drop client messages (after `end`) until the client disconnects: a
+        disconnect is noticed even while the `end` reply waits (no idle timeout here)."""
+        while True:
+            message = await self.ws.receive()
+            if message["type"] == "websocket.disconnect":
+                raise PeerGoneError(int(message.get("code") or 1005))
 
     def check_timeouts(self, now: float) -> None:
         """Close with 4408 when idle or blocked on a send for too long (called by the
@@ -289,12 +318,16 @@ class Session:
                 self._on_control(control)
 
     def _backlog_full(self) -> bool:
-        """Flow control hook: True while too much input is unanswered (then the receive
-        loop awaits `_wait_backlog` before reading on)."""
-        return False
+        """Flow control: True while too much input is unanswered (then the receive loop
+        waits for the sender's progress before reading on).  Here: `CONTROL_LIMIT` control
+        replies owed (queued urgent messages and requests awaiting their reply)."""
+        return self.outbox.urgent + self._pending_controls >= CONTROL_LIMIT
 
     async def _wait_backlog(self) -> None:
-        """Flow control hook: wait while too much input is unanswered."""
+        """Wait while `_backlog_full` (each message sent may make room)."""
+        while self._backlog_full() and not self.closing:
+            self._progress.clear()
+            await self._progress.wait()
 
     async def _send_loop(self) -> None:
         ws = self.ws
@@ -316,7 +349,10 @@ class Session:
             finally:
                 self._tx_since = None
             self._bytes_out.inc(len(data))
+            if item.reply and self._pending_controls:
+                self._pending_controls -= 1
             self._sent(item)
+            self._progress.set()
             if item.close:
                 self.close(CloseCode.NORMAL, "end of stream")
                 return
@@ -330,7 +366,10 @@ class Session:
             if isinstance(item, Fatal):
                 self.close(item.code, item.reason)
                 return
-            self.outbox.put(item)
+            if isinstance(item, Out) and item.close:
+                self.outbox.put_last(item)  # `end`: never dropped, nothing after it
+            else:
+                self.outbox.put(item)
 
     def _ready_fields(self, hello: Hello) -> dict[str, Any]:
         card = self.card
@@ -410,7 +449,6 @@ class StreamSession(Session):
         self.stream_id = 0
         self._submitted_ms = 0.0
         self._done_ms = 0.0
-        self._progress = asyncio.Event()
 
     async def _start(self, hello: Hello) -> None:
         state = self.state
@@ -464,8 +502,10 @@ class StreamSession(Session):
     def _on_control(self, control: Control) -> None:
         if isinstance(control, SetBitrate):
             self._submit(SetMode(control.mode))
+            self._pending_controls += 1  # encode, roundtrip: the job replies `bitrate`
         elif isinstance(control, Flush):
             self._submit(FlushMark())
+            self._pending_controls += 1  # replied `flushed`
         elif isinstance(control, End):
             self._submit(EndMark())
             self._reading = False
@@ -474,17 +514,14 @@ class StreamSession(Session):
             self._submitted_ms += self.card.frame_ms
 
     def _backlog_full(self) -> bool:
-        return self._submitted_ms - self._done_ms > self.settings.max_backlog_ms
-
-    async def _wait_backlog(self) -> None:
-        while self._backlog_full() and not self.closing:
-            self._progress.clear()
-            await self._progress.wait()
+        return (
+            self._submitted_ms - self._done_ms > self.settings.max_backlog_ms
+            or super()._backlog_full()
+        )
 
     def _sent(self, item: Out) -> None:
         if item.frames:
             self._done_ms += item.frames * self.card.frame_ms
-            self._progress.set()
 
     def _cleanup(self) -> None:
         if self.job is not None:

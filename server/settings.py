@@ -253,6 +253,24 @@ class Settings:
         default=16 << 20,
         metadata=_meta("MAX_UPLOAD_BYTES", "largest HTTP request body, bytes", _positive_int),
     )
+    upload_timeout_s: float = field(
+        default=60.0,
+        metadata=_meta(
+            "UPLOAD_TIMEOUT",
+            "seconds to receive a whole HTTP request body (408 after; the file job's session "
+            "slot is held meanwhile)",
+            _positive_float,
+        ),
+    )
+    max_file_seconds: float = field(
+        default=600.0,
+        metadata=_meta(
+            "MAX_FILE_SECONDS",
+            "longest audio of an HTTP file job, s: the WAV sent to /v1/encode, the audio a "
+            "bitstream sent to /v1/decode would decode to (413 above)",
+            _positive_float,
+        ),
+    )
     handshake_timeout_s: float = field(
         default=10.0,
         metadata=_meta("HANDSHAKE_TIMEOUT", "seconds from accept to hello", _positive_float),

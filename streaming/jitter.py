@@ -35,6 +35,18 @@ steered towards the target with whole frames, the only unit a token stream has:
   `catchup_patience` consecutive ticks, up to `catchup_max_drop` frames are discarded
   (`dropped`), never going below the target.
 
+Resync: a packet at least `capacity` frames ahead of the playout point flushes the buffer
+and playout restarts at it (a long outage, or a sender that restarted its sequence numbers
+at a value "ahead").  A sender that restarts *behind* (e.g. back to 0 early in a stream)
+sends packets that are all at least `capacity` frames behind the playout point; one such
+packet is only very late (ignored as `late`), but `RESTART_RUN` (4) of them in a row, each
+the sequence number after the previous one, with no packet near the playout point in
+between, are a new numbering: the last of them resyncs the buffer like a jump ahead (the
+first three frames of the restarted stream are lost, 60 ms).  Old packets repeated or
+arriving out of order never form such a run; what the rule cannot tell from a restart is
+four or more consecutive packets, each delayed by more than `capacity` frames (1.28 s)
+beyond newer ones, with nothing newer in between.
+
 All storage is preallocated: `capacity` slots (a power of two, frames), a fixed ring of
 delays and a fixed histogram; nothing grows with the stream.
 """
@@ -51,6 +63,7 @@ import numpy as np
 from streaming.protocol import TokenFrame, TokenPacket, seq_add, seq_diff, ts_diff
 
 __all__ = [
+    "RESTART_RUN",
     "InsertResult",
     "JitterBuffer",
     "JitterConfig",
@@ -58,6 +71,13 @@ __all__ = [
     "PlayoutItem",
     "PlayoutKind",
 ]
+
+
+RESTART_RUN: Final = 4
+"""Consecutive packets (each seq = the previous one + 1), all at least `capacity` frames
+behind the playout point, that make a restarted sender: the last one resyncs the buffer.
+One or two far-behind packets are plausible stragglers; four in sequence (80 ms of a
+stream) with nothing current in between are not."""
 
 
 class PlayoutKind(StrEnum):
@@ -79,7 +99,8 @@ class InsertResult(StrEnum):
     LATE = "late"
     """Its playout tick has passed (played as concealment or skipped): ignored."""
     RESYNC = "resync"
-    """At least `capacity` frames ahead of the playout point: the buffer was flushed and
+    """At least `capacity` frames ahead of the playout point, or the `RESTART_RUN`-th
+    consecutive packet at least `capacity` frames behind it: the buffer was flushed and
     playout restarts at this packet (a long outage or a restarted sender)."""
 
 
@@ -174,7 +195,8 @@ class JitterStats:
     * `lost`: sequence numbers whose tick passed without the packet (skipped).
     * `concealed`, `comfort_noise`, `empty`: ticks of each kind.
     * `dropped`: frames discarded by catch-up; `flushed`: frames discarded by resyncs;
-      `resyncs`: times the buffer restarted on a packet too far ahead.
+      `resyncs`: times the buffer restarted on a packet too far ahead (or on a restarted
+      sender's `RESTART_RUN` packets far behind).
     * `current_delay`: frames buffered from the playout point to the newest packet (span,
       holes included); `target_delay`: the adaptive target.
     """
@@ -243,6 +265,8 @@ class JitterBuffer:
         self._held = 0  # underrun ticks that did not advance the playout point
         self._above = 0  # consecutive ticks with the span above target + margin
         self._use_ts = False  # pace by capture timestamps (set by the first packet)
+        self._run = 0  # consecutive far-behind packets in sequence (a restarted sender?)
+        self._run_seq = 0  # seq of the last of them
         self._reset_reference()
         self._hist.fill(0.0)
         self._hist[self.config.initial_delay_frames - 1] = 1.0
@@ -327,19 +351,46 @@ class JitterBuffer:
         ahead = seq_diff(seq, self._next)
         if ahead < 0:
             if self._started or seq_diff(self._max, seq) >= cap:
+                if self._restarted(seq):
+                    return self._restart_at(seq, frame, now, timestamp_us)
                 return self._reject_behind(seq, idx, now, timestamp_us)
             self._next = seq  # before playout starts, the oldest packet defines the start
         elif ahead >= cap:
-            self._resync(seq)
-            self._observe(seq, now, timestamp_us)
-            self._store(seq, frame, now, timestamp_us)
-            return InsertResult.RESYNC
+            return self._restart_at(seq, frame, now, timestamp_us)
+        self._run = 0  # a packet near the playout point: the current numbering is alive
         if self._slot_seq[idx] == seq and self._slot_state[idx] == _Slot.BUFFERED:
             self._duplicate += 1
             return InsertResult.DUPLICATE
         self._observe(seq, now, timestamp_us)
         self._store(seq, frame, now, timestamp_us)
         return InsertResult.ACCEPTED
+
+    def _restarted(self, seq: int) -> bool:
+        """Track runs of far-behind packets; True when `seq` completes `RESTART_RUN` of them.
+
+        Far behind: at least `capacity` frames behind the playout point (before playout
+        starts: behind the newest packet).  A run continues only with the next sequence
+        number; a repeat of the run's last packet leaves it as it is (duplicates never
+        extend it), a packet near the playout point ends it (see `insert`).
+        """
+        base = self._next if self._started else self._max
+        if seq_diff(seq, base) > -self.config.capacity:
+            self._run = 0  # only late: the current numbering is alive
+            return False
+        if self._run and seq == self._run_seq:
+            return False
+        self._run = self._run + 1 if self._run and seq == seq_add(self._run_seq, 1) else 1
+        self._run_seq = seq
+        return self._run >= RESTART_RUN
+
+    def _restart_at(
+        self, seq: int, frame: TokenFrame, now: float, timestamp_us: int | None
+    ) -> InsertResult:
+        """Flush the buffer and restart playout at this packet (`InsertResult.RESYNC`)."""
+        self._resync(seq)
+        self._observe(seq, now, timestamp_us)
+        self._store(seq, frame, now, timestamp_us)
+        return InsertResult.RESYNC
 
     def _reject_behind(
         self, seq: int, idx: int, now: float, timestamp_us: int | None
@@ -370,7 +421,7 @@ class JitterBuffer:
             self._slot_frame[i] = None
         self._resyncs += 1
         self._next = self._max = seq
-        self._held = self._above = 0
+        self._held = self._above = self._run = 0
         self._reset_reference()
 
     def _observe(self, seq: int, now: float, timestamp_us: int | None) -> None:

@@ -905,6 +905,30 @@ def _write_stream(
     return writer
 
 
+def _smallest_file_frame_bits(code_bits: int, gain_bits: int, version: int) -> int:
+    """Fewest bits a frame can take in a file of `version`: version 3, the mode bit `0`, the
+    gain code `00` and one code (`3 + code_bits`); version 2, a one-codebook frame payload
+    without low band (`frame_bits(1)`)."""
+    if version >= 3:
+        return 1 + 2 + code_bits
+    return frame_bits(1, code_bits=code_bits, gain_bits=gain_bits)
+
+
+def _unstreamable(code_bits: int, gain_bits: int, version: int) -> str | None:
+    """Why a streamed file (no frame count) cannot have these widths, or None when it can.
+
+    A streamed file is read until fewer than 8 bits are left, the zero padding; that needs
+    every frame to take at least 8 bits, else a short frame and padding look alike.
+    """
+    bits = _smallest_file_frame_bits(code_bits, gain_bits, version)
+    if bits >= 8:
+        return None
+    return (
+        f"a streamed file needs frames of at least 8 bits, but with code_bits {code_bits}, "
+        f"gain_bits {gain_bits} a version-{version} frame can take {bits}"
+    )
+
+
 def _check_version(version: int) -> None:
     if version not in FILE_FORMAT_VERSIONS:
         raise ValueError(f"file format version must be one of {FILE_FORMAT_VERSIONS}, "
@@ -924,28 +948,38 @@ def unpack_frame_stream(
     """Decode a continuous bit stream of frame payloads starting at byte `offset` of `data`.
 
     `count` frames are expected (then anything beyond the final padding byte is
-    `trailing_data`); with `count=None` frames are read until fewer than 8 bits remain.
+    `trailing_data`); with `count=None` frames are read until fewer than 8 bits remain,
+    which needs widths whose smallest frame takes at least 8 bits (ValueError otherwise).
     The < 8 bits after the last frame are padding and must be zero (`corrupt`).
     Also raises `truncated` and `bad_field` (count 0 or > `max_codebooks`).
     Returns arrays with Q = `max_codebooks` code columns.  `version`: as for
     `pack_frame_stream`.
     """
     _check_version(version)
+    problem = _unstreamable(code_bits, gain_bits, version) if count is None else None
+    if problem:
+        raise ValueError(f"count=None: {problem}")
     frames = _unpack_frames(data, code_bits, gain_bits, max_codebooks, count, offset, version)
     return FrameArrays.from_frames(frames, max_codebooks)
 
 
 def _unpack_frames(
     data: Buffer, code_bits: int, gain_bits: int, max_codebooks: int, count: int | None,
-    offset: int, version: int,
+    offset: int, version: int, max_frames: int | None = None,
 ) -> list[TokenFrame]:
-    """`unpack_frame_stream`'s frames as `TokenFrame`s (no arrays built)."""
+    """`unpack_frame_stream`'s frames as `TokenFrame`s (no arrays built); `oversized` as
+    soon as a frame beyond `max_frames` starts."""
     _check_params(code_bits, gain_bits, max_codebooks)
     view = memoryview(data).cast("B")[offset:]
     reader = BitReader(view)
     frames: list[TokenFrame] = []
     context = _FileContext() if version >= 3 else None
     while (len(frames) < count) if count is not None else (reader.remaining >= 8):
+        if max_frames is not None and len(frames) >= max_frames:
+            raise ProtocolError(
+                ErrorCode.OVERSIZED, f"more than {max_frames} frames (the limit)",
+                offset=offset + reader.position // 8,
+            )
         try:
             if context is None:
                 frame = _read_frame(reader, code_bits, gain_bits, max_codebooks, len(frames))
@@ -1239,8 +1273,15 @@ def _encode_extension(header: BitstreamHeader) -> bytes:
 def encode_file_header(header: BitstreamHeader) -> bytes:
     """File header bytes: 22 fixed bytes, the model id, the extension records, CRC32.
 
-    26 + len(model_id) bytes, plus 10 with the source record (`header.source`).
+    26 + len(model_id) bytes, plus 10 with the source record (`header.source`).  A
+    streamed header (`num_frames` None) needs widths whose smallest frame takes at least
+    8 bits (ValueError otherwise, see docs/protocol.md, "Streamed files").
     """
+    problem = None
+    if header.num_frames is None:
+        problem = _unstreamable(header.code_bits, header.gain_bits, header.version)
+    if problem:
+        raise ValueError(f"{problem}: give the file its frame count")
     model_id = header.model_id.encode("utf-8")
     extension = _encode_extension(header)
     length = FILE_HEADER_FIXED_SIZE + len(model_id) + len(extension) + _CRC.size
@@ -1318,7 +1359,9 @@ def decode_file_header(data: Buffer) -> tuple[BitstreamHeader, int]:
     too long or not UTF-8, out-of-range rates, sizes, bit widths, Q), then the extension
     area between the model id and the CRC: tag-length-value records, unknown tags skipped,
     `corrupt` for a record that overruns the area, `bad_field` for an invalid source record
-    (see `_decode_extension`).  The source record becomes `header.source`.
+    (see `_decode_extension`).  The source record becomes `header.source`.  A streamed
+    header (frame count 0xFFFFFFFF) whose widths allow a frame of fewer than 8 bits is
+    `bad_field` (its end could not be told from padding).
     """
     size = len(data)
     probe = bytes(data[:4])
@@ -1391,6 +1434,9 @@ def decode_file_header(data: Buffer) -> tuple[BitstreamHeader, int]:
             raise ProtocolError(
                 ErrorCode.BAD_FIELD, f"{name} {value} outside {lo}..{hi}", offset=where
             )
+    problem = _unstreamable(cbits, gbits, data[4]) if nframes == UNKNOWN_FRAME_COUNT else None
+    if problem:
+        raise ProtocolError(ErrorCode.BAD_FIELD, problem, offset=12)
     header = BitstreamHeader(
         model_id,
         rate,
@@ -1477,7 +1523,9 @@ class BitstreamWriter:
         return self.getvalue()
 
     def drain(self, *, final: bool = False) -> bytes:
-        """Streamed-file bytes not returned before (see the class docstring)."""
+        """Streamed-file bytes not returned before (see the class docstring).  ValueError
+        when the header's widths allow a frame of fewer than 8 bits (`encode_file_header`):
+        a streamed file of them could not be read back."""
         if self._closed and not final:
             raise ValueError("BitstreamWriter is closed")
         head = b""
@@ -1501,21 +1549,23 @@ def write_bitstream(header: BitstreamHeader, frames: Iterable[TokenFrame]) -> by
 
 
 def read_bitstream_arrays(
-    data: Buffer, *, max_bytes: int | None = None
+    data: Buffer, *, max_bytes: int | None = None, max_frames: int | None = None
 ) -> tuple[BitstreamHeader, FrameArrays]:
     """Parse a whole bitstream file into its header and `FrameArrays` (codes [F, Q]).
 
-    Raises ProtocolError for any malformed input: `oversized` (len > `max_bytes`), header
+    Raises ProtocolError for any malformed input: `oversized` (len > `max_bytes`, or more
+    than `max_frames` frames: said by the header, or met while reading a streamed file, so
+    a small file of tiny frames cannot make the reader build millions of them), header
     errors (see `decode_file_header`), `truncated` (fewer frames than the header says, or a
     streamed file cut inside a frame), `bad_field` (a frame count 0 or > Q), `trailing_data`,
     `corrupt` (non-zero final padding).  The payload has no checksum of its own.
     """
-    header, frames = read_bitstream(data, max_bytes=max_bytes)
+    header, frames = read_bitstream(data, max_bytes=max_bytes, max_frames=max_frames)
     return header, FrameArrays.from_frames(frames, header.num_codebooks)
 
 
 def read_bitstream(
-    data: Buffer, *, max_bytes: int | None = None
+    data: Buffer, *, max_bytes: int | None = None, max_frames: int | None = None
 ) -> tuple[BitstreamHeader, list[TokenFrame]]:
     """Parse a whole bitstream file into its header and frames (errors: see
     `read_bitstream_arrays`)."""
@@ -1524,9 +1574,14 @@ def read_bitstream(
             ErrorCode.OVERSIZED, f"file of {len(data)} bytes exceeds the limit of {max_bytes}"
         )
     header, offset = decode_file_header(data)
+    if max_frames is not None and (header.num_frames or 0) > max_frames:
+        raise ProtocolError(
+            ErrorCode.OVERSIZED,
+            f"the header says {header.num_frames} frames; the limit is {max_frames}",
+        )
     frames = _unpack_frames(
         data, header.code_bits, header.gain_bits, header.num_codebooks, header.num_frames, offset,
-        header.version,
+        header.version, max_frames,
     )
     return header, frames
 
@@ -1575,12 +1630,23 @@ def packet_to_json(packet: TokenPacket) -> dict[str, object]:
     return out
 
 
+def _reject_constant(name: str) -> object:
+    """`json.loads` hook: NaN, Infinity and -Infinity are not JSON."""
+    raise ValueError(f"{name} is not a JSON value")
+
+
 def _json_object(obj: object, what: str, *, text: bool = True) -> Mapping[str, object]:
+    """`obj` as a JSON object; with `text`, JSON text is parsed first (`corrupt` when it
+    does not parse: NaN/Infinity and nesting too deep to parse included)."""
     if text and isinstance(obj, (str, bytes, bytearray)):
         try:
-            obj = json.loads(obj)
-        except (ValueError, UnicodeDecodeError) as exc:
+            obj = json.loads(obj, parse_constant=_reject_constant)
+        except ValueError as exc:  # UnicodeDecodeError included
             raise ProtocolError(ErrorCode.CORRUPT, f"{what} is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise ProtocolError(
+                ErrorCode.CORRUPT, f"{what} is not valid JSON: nested too deeply"
+            ) from None
     if not isinstance(obj, Mapping) or not all(isinstance(k, str) for k in obj):
         raise ProtocolError(ErrorCode.BAD_FIELD, f"{what} must be a JSON object")
     return obj
@@ -1647,6 +1713,20 @@ def frame_from_json(
     return _frame_from_mapping(mapping, code_bits, gain_bits, max_codebooks)
 
 
+def _json_version(value: object) -> None:
+    """Check a JSON packet's "version": an int (`bad_field` otherwise: 2.0 and true are
+    not), equal to `PROTOCOL_VERSION` (`unknown_version` otherwise)."""
+    if type(value) is not int:
+        raise ProtocolError(
+            ErrorCode.BAD_FIELD, f"version must be an int, got {type(value).__name__}"
+        )
+    if value != PROTOCOL_VERSION:
+        raise ProtocolError(
+            ErrorCode.UNKNOWN_VERSION,
+            f"packet version {value} (this reader supports {PROTOCOL_VERSION})",
+        )
+
+
 def packet_from_json(
     obj: Mapping[str, object] | str | bytes,
     *,
@@ -1656,16 +1736,13 @@ def packet_from_json(
 ) -> TokenPacket:
     """Validate and convert the JSON form of a packet (a dict, or JSON text).
 
-    Raises ProtocolError as `frame_from_json`, plus `unknown_version` for a "version" other
-    than `PROTOCOL_VERSION`.
+    Raises ProtocolError as `frame_from_json`, plus `unknown_version` for an int "version"
+    other than `PROTOCOL_VERSION` (a "version" that is not an int is `bad_field`).
     """
     _check_params(code_bits, gain_bits, max_codebooks)
     mapping = _json_object(obj, "packet")
-    if "version" in mapping and mapping["version"] != PROTOCOL_VERSION:
-        raise ProtocolError(
-            ErrorCode.UNKNOWN_VERSION,
-            f"packet version {mapping['version']!r} (this reader supports {PROTOCOL_VERSION})",
-        )
+    if "version" in mapping:
+        _json_version(mapping["version"])
     _check_keys(mapping, _PACKET_KEYS, _PACKET_OPTIONAL, "packet")
     times = None
     if "times" in mapping:

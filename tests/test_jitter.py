@@ -7,10 +7,12 @@ before its `pop`.  Nothing here measures wall-clock time.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import pytest
 
 from streaming.jitter import (
+    RESTART_RUN,
     InsertResult,
     JitterBuffer,
     JitterConfig,
@@ -18,7 +20,7 @@ from streaming.jitter import (
     PlayoutItem,
     PlayoutKind,
 )
-from streaming.protocol import TokenFrame, TokenPacket, seq_add
+from streaming.protocol import TokenFrame, TokenPacket, seq_add, seq_diff
 
 FRAME_S = 0.020
 
@@ -356,6 +358,93 @@ def test_resync_flushes_buffered_frames() -> None:
     d.run([(40,)])
     stats = d.buf.stats()
     assert stats.flushed == 3 and stats.resyncs == 1
+
+
+# --------------------------------------------------------------------------- restarted sender
+
+
+def _restart_after(d: Driver, old: list[int], new_first: int) -> list[PlayoutItem]:
+    """Play `old` one packet a tick, then a sender restarted at `new_first`: 40 packets of
+    the new numbering, one a tick; returns the items of the new numbering's ticks."""
+    d.run([(s,) for s in old])
+    return d.run([(seq_add(new_first, i),) for i in range(40)])
+
+
+def test_sender_restarting_backwards_resyncs_within_the_run() -> None:
+    d = fast()
+    out = _restart_after(d, list(range(1000)), 0)  # back to 0, 20 s into the stream
+    assert RESTART_RUN == 4
+    assert d.results[1000:1004] == [InsertResult.LATE] * 3 + [InsertResult.RESYNC]
+    assert set(d.results[1004:]) == {InsertResult.ACCEPTED}
+    assert played(out) == list(range(3, 40))  # the first three frames of the new numbering
+    assert kinds(out[3:]) == ["frame"] * 37  # the new stream plays, no comfort noise
+    stats = d.buf.stats()
+    assert (stats.resyncs, stats.late, stats.comfort_noise) == (1, 3, 0)
+
+
+def test_sender_restarting_backwards_across_wraparound() -> None:
+    d = fast()
+    # the new numbering wraps inside the run: 65534, 65535, 0, 1 (1000 frames behind)
+    out = _restart_after(d, list(range(1000)), 65534)
+    assert d.results[1003] == InsertResult.RESYNC
+    assert played(out) == [seq_add(1, i) for i in range(37)]
+    assert d.buf.stats().resyncs == 1
+
+
+def test_network_duplicate_inside_a_restart_run_does_not_break_it() -> None:
+    d = fast()
+    d.run([(s,) for s in range(300)])
+    out = d.run([(0,), (1, 1), (2,), (3,), (4,)])
+    assert d.results[300:305] == [InsertResult.LATE] * 4 + [InsertResult.RESYNC]
+    assert played(out) == [3, 4]
+
+
+def test_restart_ahead_still_resyncs_at_once() -> None:
+    d = fast()
+    out = _restart_after(d, list(range(40000, 41000)), 0)  # 0 is 24536 frames "ahead"
+    assert d.results[1000] == InsertResult.RESYNC
+    assert played(out) == list(range(40))
+
+
+def test_old_packets_and_duplicates_never_resync() -> None:
+    d = fast()
+    d.run([(s,) for s in range(300)])
+    seq = 300
+    out: list[PlayoutItem] = []
+
+    def tick(*old: int) -> None:
+        """One tick: the current stream's next packet, then old ones (far behind)."""
+        nonlocal seq
+        out.append(d.tick(seq, *old))
+        seq += 1
+
+    tick(*[100] * 10)  # one old packet, repeated
+    tick(*[130, 130, 131, 131, 132, 132])  # a burst of old duplicates in sequence
+    tick(*[120, 121, 122] * 3)  # a run shorter than RESTART_RUN, repeated
+    tick(150, 149, 152, 151, 154, 153)  # old packets out of order
+    for k in range(10):  # old packets in sequence, interleaved with the current stream
+        tick(200 + k)
+    tick(*range(seq - 10, seq))  # recent packets again (within capacity: duplicates)
+    assert InsertResult.RESYNC not in d.results
+    assert d.buf.stats().resyncs == 0
+    assert played(out) == list(range(300, seq))
+
+
+def test_stream_across_wraparound_with_late_packets_never_resyncs() -> None:
+    d = fast()
+    seqs = [seq_add(65300, i) for i in range(500)]
+    script: list[tuple[int, ...]] = [(s,) for s in seqs]
+    for i in range(10, 490, 10):  # every 10th packet arrives 3 ticks late
+        script[i] = tuple(x for x in script[i] if x != seqs[i])
+        script[i + 3] = (*script[i + 3], seqs[i])
+    out = d.run(script + [()] * 5)
+    stats = d.buf.stats()
+    assert stats.resyncs == 0 and stats.late > 0  # late at first, until the target grew
+    assert set(d.results) == {InsertResult.ACCEPTED, InsertResult.LATE}
+    assert stats.played + stats.late == 500  # every packet played or late: none lost to a resync
+    got = played(out)
+    assert got[-1] == seqs[-1] and 0 in got
+    assert all(seq_diff(b, a) > 0 for a, b in itertools.pairwise(got))  # in order across the wrap
 
 
 def test_reset_starts_a_new_stream() -> None:

@@ -1392,10 +1392,11 @@ def test_file_payload_errors() -> None:
 def test_header_encode_decode_round_trip() -> None:
     for header in [
         FILE_HEADER,
-        BitstreamHeader("", 8000, 160, 1, 1, 1, None),
+        BitstreamHeader("", 8000, 160, 1, 1, 1, 0),  # the smallest widths need a count
+        BitstreamHeader("", 8000, 160, 5, 1, 1, None),  # the smallest streamable widths
         BitstreamHeader("ü" * 32, 48000, 960, 16, 16, 15, UNKNOWN_FRAME_COUNT - 1),
         SOURCE_FILE_HEADER,
-        BitstreamHeader("m" * 64, 8000, 160, 1, 1, 1, None, SourceInfo(0xFFFFFFFF, 0)),
+        BitstreamHeader("m" * 64, 8000, 160, 1, 1, 1, 7, SourceInfo(0xFFFFFFFF, 0)),
     ]:
         for version in FILE_FORMAT_VERSIONS:
             data = encode_file_header(replace(header, version=version))
@@ -1404,6 +1405,85 @@ def test_header_encode_decode_round_trip() -> None:
     assert BitstreamHeader("m", 16000, 320, 10, 6, 12).version == FILE_FORMAT_VERSION
     with pytest.raises(ValueError, match="version"):
         BitstreamHeader("m", 16000, 320, 10, 6, 12, version=1)
+
+
+# A version-3 header with 1-bit codes and gains (L = 0, no extension): 16 kHz, 320 samples,
+# code bits 1, gain bits 1, Q 1, then the CRC.  Two frames (n = 1, gain 0, code 0) and
+# (n = 1, gain 0, code 1) take 4 bits each: mode `0`, gain `00`, code: 0000 0001 = 01.
+SMALL_COUNTED_FILE = bytes.fromhex(
+    "43 53 54 52 03 00 00 1a 00 00 3e 80 00 00 00 02 01 40 01 01 01 00"  # 2 frames
+    "c9 6e 9a 48"  # CRC32
+    "01"
+)
+SMALL_STREAMED_FILE = bytes.fromhex(
+    "43 53 54 52 03 00 00 1a 00 00 3e 80 ff ff ff ff 01 40 01 01 01 00"  # frame count unknown
+    "42 84 1c e8"  # CRC32
+    "01"
+)
+SMALL_FRAMES = [TokenFrame(1, 0, (0,)), TokenFrame(1, 0, (1,))]
+
+
+def test_small_widths_read_with_a_frame_count() -> None:
+    header = BitstreamHeader("", 16000, 320, 1, 1, 1, num_frames=2)
+    assert read_bitstream(SMALL_COUNTED_FILE) == (header, SMALL_FRAMES)
+    assert write_bitstream(header, SMALL_FRAMES) == SMALL_COUNTED_FILE
+
+
+def test_streamed_file_with_frames_under_8_bits_is_rejected() -> None:
+    # 4-bit frames: the final byte could hold 2 frames, or 1 frame and 4 bits of padding
+    error = _expect(ErrorCode.BAD_FIELD, read_bitstream, SMALL_STREAMED_FILE)
+    assert error.offset == 12
+    assert error.message == (
+        "a streamed file needs frames of at least 8 bits, but with code_bits 1, gain_bits 1 "
+        "a version-3 frame can take 4"
+    )
+    _expect(ErrorCode.BAD_FIELD, decode_file_header, SMALL_STREAMED_FILE[:26])
+
+
+def test_writers_refuse_streamed_files_with_frames_under_8_bits() -> None:
+    header = BitstreamHeader("", 16000, 320, 1, 1, 1)
+    writer = BitstreamWriter(header)
+    writer.add_frames(SMALL_FRAMES)
+    with pytest.raises(ValueError, match="at least 8 bits"):
+        writer.drain()
+    with pytest.raises(ValueError, match="at least 8 bits"):
+        encode_file_header(header)
+    assert writer.getvalue() == SMALL_COUNTED_FILE  # with its frame count it is fine
+    with pytest.raises(ValueError, match="at least 8 bits"):
+        unpack_frame_stream(b"\x01", code_bits=1, gain_bits=1, max_codebooks=1)
+    counted = unpack_frame_stream(b"\x01", code_bits=1, gain_bits=1, max_codebooks=1, count=2)
+    assert counted.frames() == SMALL_FRAMES
+
+
+@pytest.mark.parametrize(
+    ("version", "code_bits", "gain_bits", "streamable"),
+    [
+        (3, 4, 16, False),  # 3 + 4 = 7 bits
+        (3, 5, 1, True),  # 3 + 5 = 8 bits
+        (2, 1, 1, False),  # 5 + 1 + 1 = 7 bits
+        (2, 1, 2, True),  # 8 bits
+        (2, 2, 1, True),
+    ],
+)
+def test_streamable_width_boundary(
+    version: int, code_bits: int, gain_bits: int, streamable: bool
+) -> None:
+    header = BitstreamHeader("m", 16000, 320, code_bits, gain_bits, 1, version=version)
+    counted = encode_file_header(replace(header, num_frames=0))
+    streamed = counted[:12] + b"\xff" * 4 + counted[16:-4]
+    streamed = _with_crc(streamed)
+    if streamable:
+        assert encode_file_header(header) == streamed
+        assert decode_file_header(streamed) == (header, len(streamed))
+        writer = BitstreamWriter(header)
+        frames = [TokenFrame(1, 0, (0,))] * 9  # the smallest frame, 9 times
+        writer.add_frames(frames)
+        assert read_bitstream(writer.drain() + writer.drain(final=True)) == (header, frames)
+    else:
+        with pytest.raises(ValueError, match="at least 8 bits"):
+            encode_file_header(header)
+        error = _expect(ErrorCode.BAD_FIELD, decode_file_header, streamed)
+        assert f"version-{version} frame can take 7" in error.message
 
 
 # --------------------------------------------------------------------------- sequence numbers
@@ -1526,6 +1606,9 @@ def test_json_lowband_limits_are_valid() -> None:
     [
         ({"version": 1}, ErrorCode.UNKNOWN_VERSION),
         ({"version": 3}, ErrorCode.UNKNOWN_VERSION),
+        ({"version": 2.0}, ErrorCode.BAD_FIELD),  # every value is a JSON integer
+        ({"version": True}, ErrorCode.BAD_FIELD),
+        ({"version": "2"}, ErrorCode.BAD_FIELD),
         ({"seq": 65536}, ErrorCode.BAD_FIELD),
         ({"seq": -1}, ErrorCode.BAD_FIELD),
         ({"seq": 1.0}, ErrorCode.BAD_FIELD),
@@ -1567,6 +1650,29 @@ def test_json_structure_errors() -> None:
     )
 
 
+def test_json_version_float_is_rejected_in_text_too() -> None:
+    text = json.dumps(packet_to_json(PACKET_A)).replace('"version": 2', '"version": 2.0')
+    assert '"version": 2.0' in text
+    error = _expect(ErrorCode.BAD_FIELD, packet_from_json, text, **LIMITS)
+    assert "version must be an int" in error.message
+
+
+@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
+def test_json_text_with_nan_or_infinity_is_corrupt(constant: str) -> None:
+    text = json.dumps(packet_to_json(PACKET_A)).replace('"seq": 65535', f'"seq": {constant}')
+    assert constant in text
+    error = _expect(ErrorCode.CORRUPT, packet_from_json, text, **LIMITS)
+    assert constant in error.message
+    _expect(ErrorCode.CORRUPT, frame_from_json, f'{{"num_codebooks": {constant}}}', **LIMITS)
+
+
+def test_json_text_nested_too_deeply_is_corrupt() -> None:
+    for text in ("[" * 100_000, "[" * 100_000 + "]" * 100_000, '{"a":' * 100_000):
+        error = _expect(ErrorCode.CORRUPT, packet_from_json, text, **LIMITS)
+        assert "nested too deeply" in error.message
+        _expect(ErrorCode.CORRUPT, frame_from_json, text.encode(), **LIMITS)
+
+
 def test_trusted_frames_equal_checked_frames() -> None:
     """The encoder's unchecked constructor builds the same (equal, hashable, packable) frame."""
     low = tuple([1, -2, 0, 3] * 8)
@@ -1575,3 +1681,20 @@ def test_trusted_frames_equal_checked_frames() -> None:
         assert trusted == checked and hash(trusted) == hash(checked)
         assert pack_frame(trusted, code_bits=10, gain_bits=6) == pack_frame(
             checked, code_bits=10, gain_bits=6)
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_read_bitstream_stops_at_max_frames(streamed: bool) -> None:
+    """A file of more frames than `max_frames` is `oversized`, whether its header says so or
+    the frames of a streamed file run past the limit (the reader stops there, so a small
+    body of tiny frames cannot make it build millions); at the limit it reads."""
+    header = BitstreamHeader("m", 16000, 320, 10, 6, 12)
+    frames = [TokenFrame(1, 3, (7,))] * 6
+    writer = BitstreamWriter(header)
+    writer.add_frames(frames)
+    data = writer.drain(final=True) if streamed else writer.getvalue()
+    assert decode_file_header(data)[0].num_frames == (None if streamed else 6)
+    assert read_bitstream(data, max_frames=6)[1] == frames
+    with pytest.raises(ProtocolError) as info:
+        read_bitstream(data, max_frames=5)
+    assert info.value.code == ErrorCode.OVERSIZED and "5" in info.value.message

@@ -2,7 +2,9 @@
 
 Real servers on loopback ports, real websockets clients: a session through an engine process
 gives byte for byte what the in-process engine threads give; the child's frame counters
-reach /metrics; a killed engine process fails its sessions with 1011 and readiness; the
+reach /metrics; a killed engine process fails its sessions with 1011 and readiness, and is
+replaced (or, past its restart budget, fails new sessions at once); writes to a child never
+block the event loop; the
 child's messages survive any split into reads (uvloop makes the loop's end of the pipe
 non-blocking); the settings parse 'auto'; `StreamJobSpec` states the latency its streams have.
 """
@@ -10,6 +12,7 @@ non-blocking); the settings parse 'auto'; `StreamJobSpec` states the latency its
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import multiprocessing.connection
@@ -25,9 +28,17 @@ import httpx
 import numpy as np
 import pytest
 
+from server import engine_process
 from server import settings as settings_module
 from server.codes import CloseCode
-from server.engine_process import MAX_MESSAGE_BYTES, MessageReader, ProcessWorker, write_message
+from server.engine_process import (
+    MAX_MESSAGE_BYTES,
+    MessageReader,
+    PipeWriter,
+    ProcessWorker,
+    encode_message,
+    write_message,
+)
 from server.jobs import StreamJobSpec, TokenOutput
 from server.metrics import Metrics
 from server.settings import MAX_AUTO_PROCESSES, Settings, SettingsError, parse_settings
@@ -99,7 +110,10 @@ async def test_child_metrics_reach_the_server(clip: np.ndarray) -> None:
         running.stop()
 
 
-async def test_a_dead_engine_process_fails_its_sessions(clip: np.ndarray) -> None:
+async def test_a_dead_engine_process_fails_its_sessions(
+    clip: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(engine_process, "RESPAWN_DELAY_S", 3600.0)  # no replacement yet
     running = start_server(engine_processes=1)
     try:
         process = running.state.worker.processes[0]
@@ -116,8 +130,107 @@ async def test_a_dead_engine_process_fails_its_sessions(clip: np.ndarray) -> Non
         async with httpx.AsyncClient(base_url=running.http) as client:
             assert (await client.get("/readyz")).status_code == 503
             assert (await client.get("/healthz")).status_code == 200
+        assert process.exited and process.respawning
     finally:
         running.stop()
+
+
+async def _session_runs(running: ServerThread, pcm: np.ndarray) -> None:
+    pcm_out, _ = await _roundtrip(running, pcm)
+    assert len(pcm_out) == 2 * len(pcm)
+
+
+async def test_a_dead_engine_process_is_replaced(
+    clip: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A killed child is started again: a session that arrives before the replacement
+    waits for it, and readiness comes back."""
+    monkeypatch.setattr(engine_process, "RESPAWN_DELAY_S", 0.2)
+    running = start_server(engine_processes=1)
+    try:
+        process = running.state.worker.processes[0]
+        first_pid = process.pid
+        assert first_pid is not None
+        os.kill(first_pid, signal.SIGKILL)
+        while not process.exited:  # the loop has seen the pipe close
+            await asyncio.sleep(0.01)
+        await _session_runs(running, clip[:3200])  # queued until the replacement runs
+        assert process.pid not in (None, first_pid) and len(process.respawns) == 1
+        async with httpx.AsyncClient(base_url=running.http) as client:
+            for _ in range(200):
+                if (await client.get("/readyz")).status_code == 200:
+                    break
+                await asyncio.sleep(0.05)
+            assert (await client.get("/readyz")).status_code == 200
+        await _session_runs(running, clip[:3200])
+    finally:
+        running.stop()
+
+
+async def test_an_engine_process_that_keeps_dying_stays_dead(
+    clip: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past `MAX_RESPAWNS` a dead child is not replaced, and a new session fails at once
+    with 1011 instead of waiting for nothing."""
+    monkeypatch.setattr(engine_process, "MAX_RESPAWNS", 0)
+    running = start_server(engine_processes=1)
+    try:
+        process = running.state.worker.processes[0]
+        assert process.pid is not None
+        os.kill(process.pid, signal.SIGKILL)
+        while not process.exited:
+            await asyncio.sleep(0.01)
+        assert not process.respawning
+        async with connect(running.ws("/v1/roundtrip")) as ws:
+            await hello(ws)
+            got = await receive_all(ws)
+        assert got.code == CloseCode.INTERNAL_ERROR
+        assert got.reason == "no engine process is running"
+    finally:
+        running.stop()
+
+
+async def test_the_pipe_writer_never_blocks_the_loop() -> None:
+    """Writes to a child that does not read stay with the writer (the loop goes on) and
+    reach the pipe, in order and whole, once the child reads: a blocking write there froze
+    the server when the child was itself blocked writing to a stalled loop."""
+    loop = asyncio.get_running_loop()
+    read_end, write_end = os.pipe()
+    writer = PipeWriter(write_end, loop)
+    messages = [("ops", [("in", i, bytes(1 << 20), 0.0)]) for i in range(4)]
+    try:
+        for message in messages:  # 4 MiB into a pipe of 64 KiB-1 MiB that nobody reads
+            writer.write(message)
+        assert writer.pending_bytes > 0
+        reader, got = MessageReader(), []
+        os.set_blocking(read_end, False)
+        while len(got) < len(messages):
+            await asyncio.sleep(0)  # the loop's writer callback refills the pipe
+            with contextlib.suppress(BlockingIOError):
+                got += reader.feed(os.read(read_end, 1 << 20))
+        assert got == messages and writer.pending_bytes == 0
+    finally:
+        writer.close()
+        os.close(read_end)
+        os.close(write_end)
+
+
+def test_the_pipe_writer_flushes_within_a_deadline_off_the_loop() -> None:
+    """Shutdown path (`ProcessWorker.stop` with no loop to write): what the pipe takes
+    goes; a reader that never reads costs at most the deadline."""
+    loop = asyncio.new_event_loop()
+    read_end, write_end = os.pipe()
+    try:
+        writer = PipeWriter(write_end, loop)
+        writer._pending += encode_message(("stop",))
+        assert writer.flush_blocking(1.0) and writer.pending_bytes == 0
+        assert MessageReader().feed(os.read(read_end, 1 << 16)) == [("stop",)]
+        writer._pending += bytes(8 << 20)  # more than any pipe holds, never read
+        assert not writer.flush_blocking(0.2) and writer.pending_bytes > 0
+    finally:
+        loop.close()
+        os.close(read_end)
+        os.close(write_end)
 
 
 def _messages() -> list[tuple[Any, ...]]:
@@ -230,7 +343,11 @@ def test_engine_processes_setting() -> None:
 def test_spec_latency_is_the_streams_latency(rate: int, sides: tuple[bool, bool]) -> None:
     model = CodecModel.load()
     spec = StreamJobSpec(
-        endpoint="x", encode=sides[0], decode=sides[1], rate=rate, fmt=SampleFormat.S16LE,
+        endpoint="x",
+        encode=sides[0],
+        decode=sides[1],
+        rate=rate,
+        fmt=SampleFormat.S16LE,
         tokens=TokenOutput.NONE,
     )
     job = spec.build(model, lambda items: None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import math
@@ -20,7 +21,15 @@ from streaming.protocol import (
     packet_from_json,
     read_bitstream,
 )
-from tests.server.conftest import ServerThread, connect, hello, receive_all, send_pcm
+from tests.server.conftest import (
+    ServerThread,
+    connect,
+    hello,
+    receive_all,
+    send_pcm,
+    settle,
+    start_server,
+)
 
 CARD = ModelCard.from_file(default_model_dir() / "card.json")
 
@@ -255,3 +264,70 @@ def _float_wav(x: np.ndarray, rate: int) -> bytes:
     body = b"WAVE" + b"fmt " + struct.pack("<I", len(fmt)) + fmt
     body += b"data" + struct.pack("<I", len(data)) + data
     return b"RIFF" + struct.pack("<I", len(body)) + body
+
+
+async def test_a_stalled_upload_gets_408_and_frees_its_session_slot(clip: np.ndarray) -> None:
+    """A body that stops arriving is answered 408 after `upload_timeout_s`, and its
+    session slot goes back: a server with one slot then admits a WebSocket session."""
+    running = start_server(engine_processes=0, max_sessions=1, upload_timeout_s=0.3)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", running.port)
+        writer.write(b"POST /v1/decode HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\nCSTR")
+        await writer.drain()
+        head = await asyncio.wait_for(reader.read(1 << 16), 10)
+        writer.close()
+        assert head.startswith(b"HTTP/1.1 408 ") and b'"upload_timeout"' in head
+        await settle(running)
+        async with connect(running.ws("/v1/encode")) as ws:
+            assert (await hello(ws))["type"] == "ready"
+    finally:
+        running.stop()
+
+
+async def test_http_encode_refuses_audio_over_max_file_seconds(clip: np.ndarray) -> None:
+    running = start_server(engine_processes=0, max_file_seconds=1.0)
+    try:
+        async with httpx.AsyncClient(base_url=running.http) as client:
+            ok = await client.post("/v1/encode", content=wav_bytes(clip[:16000]))
+            long = await client.post("/v1/encode", content=wav_bytes(clip[:16001]))
+        assert ok.status_code == 200
+        assert long.status_code == 413 and long.json()["error"] == "too_long"
+        assert "limit is 1 s" in long.json()["detail"]
+    finally:
+        running.stop()
+
+
+async def test_http_decode_refuses_bitstreams_over_max_file_seconds() -> None:
+    """A bitstream that would decode to more than `max_file_seconds` is 413 `too_long`,
+    counted or streamed: the parser stops at the limit (an all-zero streamed body decodes
+    to ~0.6 frames per byte, ~385x its size in PCM)."""
+    from streaming.protocol import BitstreamHeader, BitstreamWriter, TokenFrame
+
+    running = start_server(engine_processes=0, max_file_seconds=0.1)  # 5 frames
+    card = running.state.card
+    header = BitstreamHeader(
+        card.model_id, 16000, 320, card.code_bits, card.gain.bits, card.num_codebooks
+    )
+    bodies = {}
+    for n in (5, 6):
+        writer = BitstreamWriter(header)
+        writer.add_frames([TokenFrame(1, 30, (7,))] * n)
+        bodies[n, "counted"] = writer.getvalue()
+        bodies[n, "streamed"] = writer.drain(final=True)
+    try:
+        async with httpx.AsyncClient(base_url=running.http) as client:
+            for (n, kind), body in bodies.items():
+                response = await client.post("/v1/decode", content=body)
+                if n == 5:
+                    assert response.status_code == 200, (kind, response.text)
+                    assert response.headers["X-Codecstream-Frames"] == "5"
+                else:
+                    assert response.status_code == 413, kind
+                    assert response.json()["error"] == "too_long"
+                    said = {
+                        "counted": "the header says 6 frames; the limit is 5",
+                        "streamed": "more than 5 frames (the limit)",
+                    }[kind]
+                    assert response.json()["detail"].startswith(said)
+    finally:
+        running.stop()

@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import threading
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
+import pytest
+from websockets.asyncio.client import ClientConnection
 
 from server.codes import CloseCode
+from server.outbox import CONTROL_LIMIT
 from tests.server.conftest import (
     HELLO,
+    ServerThread,
     close_code_of,
     connect,
     hello,
@@ -166,3 +172,155 @@ async def test_client_that_stops_reading_is_closed_after_send_timeout() -> None:
         assert 'codecstream_sessions_closed_total{code="4408",endpoint="decode"} 1.0' in text
     finally:
         running.stop()
+
+
+# ---- control replies of a client that does not read ---------------------------------------
+
+
+def small_buffer_socket(port: int) -> socket.socket:
+    """A connected client socket with small kernel buffers, so that a client that stops
+    reading makes the server's sends block after a few MB."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    return sock
+
+
+def session_of(running: ServerThread, ready: dict[str, Any]) -> Any:
+    """The server's session object of the connection that got `ready`."""
+    (session,) = [s for s in running.state.sessions if s.session_id == ready["session_id"]]
+    return session
+
+
+class Flood:
+    """Sends `messages` in turn, over and over, in the background until `stop()` (never
+    reads)."""
+
+    def __init__(self, ws: ClientConnection, *messages: str) -> None:
+        self.sent = 0
+        self._stopped = False
+        self.task = asyncio.create_task(self._run(ws, messages))
+
+    async def _run(self, ws: ClientConnection, messages: tuple[str, ...]) -> None:
+        while not self._stopped:
+            await ws.send(messages[self.sent % len(messages)])
+            self.sent += 1
+            if self.sent % 64 == 0:
+                await asyncio.sleep(0)  # a send that never blocks would starve the test
+
+    def stop(self) -> None:
+        self._stopped = True
+
+
+async def flood_until_server_stops_reading(
+    running: ServerThread, ws: ClientConnection, session: Any, *messages: str
+) -> tuple[Flood, int]:
+    """Flood `messages` without reading until the server has stopped reading the session
+    (flow control) and nothing moves any more; (the flood, most messages ever seen in the
+    session's outbox)."""
+    registry = running.state.metrics.registry
+    labels = {"endpoint": session.endpoint.value}
+
+    def received() -> float:
+        return registry.get_sample_value("codecstream_bytes_received_total", labels) or 0.0
+
+    flood = Flood(ws, *messages)
+    peak = 0
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 10
+    while True:
+        assert loop.time() < deadline, f"the server kept reading ({flood.sent} sent)"
+        assert not session.closing and not flood.task.done()
+        before = received()
+        await asyncio.sleep(0.05)
+        peak = max(peak, len(session.outbox))
+        if session._backlog_full() and received() == before:  # stalled: reading paused
+            flood.stop()
+            return flood, peak
+
+
+async def read_replies(ws: ClientConnection, flood: Flood) -> list[dict[str, Any]]:
+    """Read until every message of the (stopped) flood got its reply."""
+    replies: list[dict[str, Any]] = []
+    while not flood.task.done() or len(replies) < flood.sent:
+        replies.append(json.loads(await asyncio.wait_for(ws.recv(), 10)))
+    await flood.task
+    return replies
+
+
+@pytest.mark.parametrize("path", ["/v1/encode", "/v1/rooms/pings"])
+async def test_ping_flood_without_reading_is_flow_controlled(
+    server: ServerThread, path: str
+) -> None:
+    """A client that sends pings and does not read: the server holds at most CONTROL_LIMIT
+    pongs, stops reading (TCP slows the client down), and answers every ping once the client
+    reads."""
+    fields = {"send": "none", "receive": "none"} if "rooms" in path else {}
+    async with connect(server.ws(path), max_queue=1, sock=small_buffer_socket(server.port)) as ws:
+        ready = await hello(ws, **fields)
+        session = session_of(server, ready)
+        ping = json.dumps({"type": "ping", "id": "x" * 240})
+        flood, peak = await flood_until_server_stops_reading(server, ws, session, ping)
+        assert peak <= CONTROL_LIMIT and len(session.outbox) <= CONTROL_LIMIT
+        assert not session.closing
+        pongs = await read_replies(ws, flood)
+        assert len(pongs) == flood.sent
+        assert all(
+            p == {"type": "pong", "id": "x" * 240, "server_time_us": p["server_time_us"]}
+            for p in pongs
+        )
+        await ws.send(json.dumps({"type": "end"}))
+        got = await receive_all(ws)
+    assert got.of_type("end") and got.code == CloseCode.NORMAL
+
+
+async def test_set_bitrate_flood_without_reading_is_flow_controlled() -> None:
+    """`bitrate` replies wait in the stream's ordered lane, pongs in the urgent lane: at
+    most CONTROL_LIMIT replies of both kinds are owed, then the server stops reading; every
+    request is answered once the client reads."""
+    running = start_server(engine_processes=0)
+    try:
+        url = running.ws("/v1/encode")
+        async with connect(url, max_queue=1, sock=small_buffer_socket(running.port)) as ws:
+            session = session_of(running, await hello(ws))
+            request = json.dumps({"type": "set_bitrate", "num_codebooks": 1})
+            ping = json.dumps({"type": "ping", "id": "x" * 240})
+            flood, peak = await flood_until_server_stops_reading(
+                running, ws, session, request, ping
+            )
+            assert peak <= CONTROL_LIMIT and len(session.outbox) <= CONTROL_LIMIT
+            assert session.outbox.urgent + session._pending_controls <= CONTROL_LIMIT
+            replies = await read_replies(ws, flood)
+            bitrates = [r for r in replies if r["type"] == "bitrate"]
+            assert len(bitrates) == (flood.sent + 1) // 2
+            assert len(replies) - len(bitrates) == flood.sent // 2  # the pongs
+            assert bitrates[-1] == {
+                "type": "bitrate",
+                "num_codebooks": 1,
+                "lowband_layout": 0,
+                "bitrate_kbps": bitrates[0]["bitrate_kbps"],
+                "from_frame": 0,
+            }
+            await ws.send(json.dumps({"type": "end"}))
+            got = await receive_all(ws)
+        assert got.of_type("end") and got.code == CloseCode.NORMAL
+    finally:
+        running.stop()
+
+
+async def test_client_that_floods_and_vanishes_is_cleaned_up(server: ServerThread) -> None:
+    """While its reading is paused (flow control), a client that disconnects is still
+    noticed: lease and room slot are released well before any timeout."""
+    url = server.ws("/v1/rooms/vanish")
+    async with connect(url) as other:
+        await hello(other, send="none", receive="none")
+        ws = await connect(url, max_queue=1, sock=small_buffer_socket(server.port))
+        session = session_of(server, await hello(ws, send="none", receive="none"))
+        ping = json.dumps({"type": "ping", "id": "x" * 240})
+        flood, _ = await flood_until_server_stops_reading(server, ws, session, ping)
+        ws.transport.abort()
+        await settle(server, active=1)
+        flood.task.cancel()
+        await asyncio.gather(flood.task, return_exceptions=True)
+        assert list(server.state.rooms.rooms["vanish"].participants) == [1]

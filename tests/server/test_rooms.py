@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import logging
 from typing import Any
 
 import numpy as np
@@ -12,7 +13,8 @@ import pytest
 import websockets
 
 from server.codes import CloseCode
-from streaming.protocol import PacketTimes, TokenPacket, encode_packet, ts_diff
+from server.outbox import CONTROL_LIMIT
+from streaming.protocol import PacketTimes, TokenFrame, TokenPacket, encode_packet, ts_diff
 from tests.server.conftest import (
     CARD,
     CODE_BITS,
@@ -26,8 +28,10 @@ from tests.server.conftest import (
     load_clip,
     parse_packets,
     receive_all,
+    settle,
     start_server,
 )
+from tests.server.test_limits import session_of, small_buffer_socket
 
 FRAMES = 30
 
@@ -277,3 +281,126 @@ async def test_room_survives_a_participant_error(server: ServerThread) -> None:
         ]
         await a.send(json.dumps({"type": "ping"}))
         assert json.loads(await asyncio.wait_for(a.recv(), 5))["type"] == "pong"
+
+
+async def block_sends(running: ServerThread, ws: Any, session: Any) -> tuple[int, int]:
+    """Send pings in small batches, each read and answered by the server before the next,
+    without reading the pongs, until the server's sends block (the pongs stay queued and
+    nothing more goes out); (pongs then queued, pings sent).  Fewer than CONTROL_LIMIT
+    pongs are queued, so the server still reads the session."""
+    registry = running.state.metrics.registry
+    labels = {"endpoint": session.endpoint.value}
+
+    def total(name: str) -> float:
+        return registry.get_sample_value(name, labels) or 0.0
+
+    ping = json.dumps({"type": "ping", "id": "x" * 240})
+    pings = 0
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 20
+    while True:
+        assert loop.time() < deadline, f"the sends never blocked ({pings} pings)"
+        batch = CONTROL_LIMIT - 1 - session.outbox.urgent  # never a full urgent lane
+        expected = total("codecstream_bytes_received_total") + batch * len(ping)
+        for _ in range(batch):
+            await ws.send(ping)
+        pings += batch
+        while total("codecstream_bytes_received_total") < expected:
+            await asyncio.sleep(0.001)
+        if session.outbox.urgent:
+            sent = total("codecstream_bytes_sent_total")
+            await asyncio.sleep(0.05)
+            if total("codecstream_bytes_sent_total") == sent and session.outbox.urgent:
+                return int(session.outbox.urgent), pings
+
+
+async def test_end_reply_is_not_pushed_out_by_packets_forwarded_after_it() -> None:
+    """B's `end` is queued behind replies its client has not read yet; A then sends more
+    than `send_queue` packets.  B still gets `end` and the 1000 close, and its lease and
+    room slot are released (the packets forwarded after `end` are discarded)."""
+    running = start_server(send_queue=3, engine_processes=0)
+    try:
+        url = running.ws("/v1/rooms/evict")
+        async with (
+            connect(url, max_queue=1, sock=small_buffer_socket(running.port)) as b,
+            connect(url) as a,
+        ):
+            session_b = session_of(running, await hello(b, send="none", receive="tokens"))
+            await hello(a, send="tokens", receive="none")
+            assert json.loads(await asyncio.wait_for(b.recv(), 5))["type"] == "joined"
+            # 1. B's sender blocks (B sends pings and does not read) with pongs queued but
+            #    B's reading not paused
+            queued, pings = await block_sends(running, b, session_b)
+            assert 0 < queued < CONTROL_LIMIT
+            # 2. B ends: the `end` reply is queued behind the unsent pongs
+            await b.send(json.dumps({"type": "end"}))
+            while not session_b.outbox.finished:
+                await asyncio.sleep(0.005)
+            assert session_b.outbox.urgent > 0 and not session_b.closing
+            # 3. A sends more packets than B's send queue holds (and a ping: all handled)
+            packet = encode_packet(
+                TokenPacket(0, 0, 0, TokenFrame(1, 30, (5,))),
+                code_bits=CODE_BITS,
+                gain_bits=GAIN_BITS,
+            )
+            for _ in range(10):
+                await a.send(packet)
+            await a.send(json.dumps({"type": "ping"}))
+            assert json.loads(await asyncio.wait_for(a.recv(), 5))["type"] == "pong"
+            # 4. B reads everything: the rest of its pongs, `end`, then the close
+            got = await receive_all(b, timeout=15)
+            assert len(got.of_type("pong")) == pings
+            assert got.text[-1]["type"] == "end" and got.code == CloseCode.NORMAL
+            assert got.binary == []  # forwarded after `end`: discarded
+            await settle(running, active=1)
+            assert list(running.state.rooms.rooms["evict"].participants) == [2]
+            _, events = await drain(a, 5.0, event="left")
+            assert {"type": "left", "participant_id": 1, "reason": "end"} in events
+        await settle(running, active=0)
+        assert running.state.rooms.rooms == {}
+    finally:
+        running.stop()
+
+
+async def test_events_to_a_participant_that_does_not_read_close_it_with_4408(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Events (`joined`, `left`) are never dropped; when CONTROL_LIMIT of them (and other
+    control replies) wait unsent, one more closes the participant with 4408 (its client
+    does not read, so the close frame itself may not get through: the server's metrics and
+    log say why)."""
+    caplog.set_level(logging.INFO, logger="codecstream.session")
+    running = start_server(engine_processes=0)
+    try:
+        url = running.ws("/v1/rooms/events")
+        async with (
+            connect(url, max_queue=1, sock=small_buffer_socket(running.port)) as b,
+            connect(url) as a,
+        ):
+            session_b = session_of(running, await hello(b, send="none", receive="none"))
+            await hello(a, send="none", receive="none")
+            queued, _ = await block_sends(running, b, session_b)
+            visits = 0
+            while not session_b.closing:  # each visit: `joined` and `left` to B (and A)
+                assert visits < CONTROL_LIMIT, "the events never overflowed"
+                async with connect(url) as visitor:
+                    await hello(visitor, send="none", receive="none")
+                visits += 1
+                for kind in ("joined", "left"):
+                    assert json.loads(await asyncio.wait_for(a.recv(), 5))["type"] == kind
+            assert 2 * visits >= CONTROL_LIMIT - queued
+            left = json.loads(await asyncio.wait_for(a.recv(), 5))
+            assert left == {"type": "left", "participant_id": 1, "reason": "error"}
+            got = await receive_all(b, timeout=15)
+        assert got.code is not None  # closed (4408, or 1006 when the frame did not fit)
+        await settle(running, active=0)
+        value = running.state.metrics.registry.get_sample_value(
+            "codecstream_sessions_closed_total", {"endpoint": "room", "code": "4408"}
+        )
+        assert value == 1.0
+        reason = (
+            f"send queue full: {CONTROL_LIMIT} control messages unsent, the client is not reading"
+        )
+        assert any(reason in r.getMessage() for r in caplog.records)
+    finally:
+        running.stop()

@@ -33,8 +33,60 @@ GOOD_PACKET = encode_packet(
 MAX_PACKET = max_packet_size(code_bits=10, gain_bits=6, max_codebooks=12)
 """Largest valid packet of the bundled model (times, Q codebooks, the longest low band)."""
 
+NESTED = "[" * 50_000 + "]" * 50_000
+"""JSON text nested far deeper than any parser recursion limit."""
+
+
+def ping_with_id(id_json: str) -> str:
+    """A ping whose `id` is the JSON text `id_json`, given verbatim."""
+    return '{"type":"ping","id":' + id_json + "}"
+
+
 # (path, messages, close code, text the reason must contain)
 BAD_CASES: list[tuple[str, list[str | bytes], int, str]] = [
+    ("/v1/encode", [NESTED], CloseCode.INVALID_PAYLOAD, "nested too deeply"),
+    ("/v1/encode", [HELLO, NESTED], CloseCode.INVALID_PAYLOAD, "nested too deeply"),
+    ("/v1/encode", [HELLO, ping_with_id("NaN")], CloseCode.INVALID_PAYLOAD, "NaN"),
+    ("/v1/encode", [HELLO, ping_with_id("Infinity")], CloseCode.INVALID_PAYLOAD, "Infinity"),
+    ("/v1/encode", [HELLO, ping_with_id("[-Infinity]")], CloseCode.INVALID_PAYLOAD, "Infinity"),
+    ("/v1/encode", [HELLO, ping_with_id("1e400")], CloseCode.INVALID_PAYLOAD, "out of range"),
+    ("/v1/encode", [hello_with(bitrate_kbps=float("nan"))], CloseCode.INVALID_PAYLOAD, "NaN"),
+    (
+        "/v1/encode",
+        ['{"type":"hello","version":1,"bitrate_kbps":1' + "0" * 400 + "}"],
+        CloseCode.BAD_REQUEST,
+        "bitrate_kbps is out of range",
+    ),
+    (
+        "/v1/encode",
+        [HELLO, json.dumps({"type": "set_bitrate", "bitrate_kbps": 10**400})],
+        CloseCode.BAD_REQUEST,
+        "bitrate_kbps is out of range",
+    ),
+    (
+        "/v1/encode",
+        [HELLO, ping_with_id(json.dumps("x" * 255))],  # 257 bytes of JSON
+        CloseCode.BAD_REQUEST,
+        "ping: id is 257 bytes of JSON, at most 256 allowed",
+    ),
+    (
+        "/v1/rooms/r1",
+        [hello_with(send="none", receive="none"), ping_with_id(json.dumps([0] * 1000))],
+        CloseCode.BAD_REQUEST,
+        "ping: id is",
+    ),
+    (
+        "/v1/decode",
+        [hello_with(tokens="json"), json.dumps({"type": "packet", "packet": "[" * 50_000})],
+        CloseCode.MALFORMED_PACKET,
+        "corrupt: packet is not valid JSON: nested too deeply",
+    ),
+    (
+        "/v1/decode",
+        [hello_with(tokens="json"), json.dumps({"type": "packet", "packet": '{"seq": NaN}'})],
+        CloseCode.MALFORMED_PACKET,
+        "corrupt",
+    ),
     ("/v1/encode", ["{not json"], CloseCode.INVALID_PAYLOAD, "not JSON"),
     ("/v1/encode", ["[1, 2]"], CloseCode.INVALID_PAYLOAD, "JSON object"),
     ("/v1/encode", [json.dumps({"type": "flush"})], CloseCode.BAD_REQUEST, "hello"),
@@ -162,6 +214,19 @@ async def test_bad_input_gets_its_close_code(
     got_code, got_reason = await close_code_of(server.ws(path), *messages)
     assert (got_code, reason in got_reason) == (code, True), got_reason
     assert len(got_reason.encode()) <= 123
+
+
+async def test_ping_id_up_to_the_cap_is_echoed(server: ServerThread) -> None:
+    ids: list[object] = ["x" * 254, None, {"n": [1, 2.5, "é"]}, 10**100]  # "x"*254: 256 bytes
+    async with connect(server.ws("/v1/encode")) as ws:
+        await hello(ws)
+        for ping_id in ids:
+            await ws.send(json.dumps({"type": "ping", "id": ping_id}))
+            pong = json.loads(await asyncio.wait_for(ws.recv(), 10))
+            assert (pong["type"], pong["id"]) == ("pong", ping_id)
+        await ws.send(json.dumps({"type": "end"}))
+        got = await receive_all(ws)
+    assert got.code == CloseCode.NORMAL
 
 
 async def test_message_over_the_limit_is_1009(server: ServerThread) -> None:

@@ -269,17 +269,30 @@ async def test_set_bitrate_switches_between_low_band_and_plain_modes(
     layouts = [f.lowband_layout for f in frames]
     assert layouts[10:20] == [0] * 10
     # low-band modes: every speech frame has the mode's layout (very quiet ones might not)
-    for part, layout in ((layouts[:10], six.lowband_layout), (layouts[20:30],
-                         three.lowband_layout), (layouts[30:], 2)):
+    for part, layout in (
+        (layouts[:10], six.lowband_layout),
+        (layouts[20:30], three.lowband_layout),
+        (layouts[30:], 2),
+    ):
         assert set(part) <= {0, layout} and part.count(layout) >= 8, (part, layout)
     assert all(len(f.lowband) == LAYOUTS[2].bins for f in frames[30:] if f.lowband_layout)
     replies = got.of_type("bitrate")
     assert replies == [
-        {"type": "bitrate", "num_codebooks": 4, "lowband_layout": 0,
-         "bitrate_kbps": round(CARD.bitrate_kbps(4), 4), "from_frame": 10},
+        {
+            "type": "bitrate",
+            "num_codebooks": 4,
+            "lowband_layout": 0,
+            "bitrate_kbps": round(CARD.bitrate_kbps(4), 4),
+            "from_frame": 10,
+        },
         {"type": "bitrate", **nominal(3), "from_frame": 20},
-        {"type": "bitrate", "num_codebooks": 5, "lowband_layout": 2,
-         "bitrate_kbps": round(CARD.bitrate_kbps(5, 2), 4), "from_frame": 30},
+        {
+            "type": "bitrate",
+            "num_codebooks": 5,
+            "lowband_layout": 2,
+            "bitrate_kbps": round(CARD.bitrate_kbps(5, 2), 4),
+            "from_frame": 30,
+        },
     ]
 
 
