@@ -79,6 +79,7 @@ __all__ = [
     "ProcessWorker",
     "RemoteJob",
     "encode_message",
+    "read_messages",
     "write_message",
 ]
 
@@ -161,16 +162,21 @@ class PipeWriter:
         self._pending += encode_message(message)
         self._write_some()
 
-    def _write_some(self) -> None:
+    def _write_now(self) -> None:
+        """Write what the pipe takes now; a gone reader closes the writer (the child's exit
+        is reported by its own pipe)."""
         try:
             while self._pending:
                 del self._pending[: os.write(self._fd, self._pending)]
         except BlockingIOError:
             pass
-        except OSError:  # the reader is gone (the child's exit is reported by its pipe)
+        except OSError:
             self.close()
-            return
-        self._watch(bool(self._pending))
+
+    def _write_some(self) -> None:
+        self._write_now()
+        if not self.closed:
+            self._watch(bool(self._pending))
 
     def _watch(self, on: bool) -> None:
         if on == self._watching:
@@ -190,15 +196,9 @@ class PipeWriter:
             if left <= 0:
                 return False
             _, writable, _ = select.select([], [self._fd], [], left)
-            if not writable:
-                continue
-            try:
-                del self._pending[: os.write(self._fd, self._pending)]
-            except BlockingIOError:
-                continue
-            except OSError:
-                self.closed = True
-        return not self._pending
+            if writable:
+                self._write_now()
+        return not self._pending and not self.closed
 
     def close(self) -> None:
         """Stop writing (pending bytes are dropped; the descriptor stays open)."""
@@ -238,6 +238,25 @@ class MessageReader:
     def pending_bytes(self) -> int:
         """Bytes of a message not complete yet."""
         return len(self._buffer)
+
+
+def read_messages(fd: int, reader: MessageReader) -> tuple[list[Any], bool]:
+    """The messages that what `fd` holds now completes (non-blocking reads fed to
+    `reader`), and whether the pipe ended (end of file or a read error).  ValueError from
+    `MessageReader.feed` on a corrupt stream."""
+    messages: list[Any] = []
+    while True:
+        try:
+            data = os.read(fd, _READ_BYTES)
+        except BlockingIOError:
+            return messages, False
+        except OSError:
+            return messages, True
+        if not data:
+            return messages, True
+        messages += reader.feed(data)
+        if len(data) < _READ_BYTES:  # drained (what arrives later wakes the reader again)
+            return messages, False
 
 
 def _widen(connection: Connection) -> None:
@@ -459,26 +478,15 @@ class ProcessWorker:
         connection = self._from_child
         if connection is None or self.exited:
             return
-        fd = connection.fileno()
-        while True:
-            try:
-                data = os.read(fd, _READ_BYTES)
-            except BlockingIOError:
-                return
-            except OSError:
-                break
-            if not data:
-                break  # end of file: the child is gone
-            try:
-                messages = self._reader.feed(data)
-            except Exception:
-                log.exception("%s: unreadable message", self.name)
-                break
-            for message in messages:
-                self._handle(message)
-            if len(data) < _READ_BYTES:
-                return
-        self._exited()
+        try:
+            messages, ended = read_messages(connection.fileno(), self._reader)
+        except ValueError:
+            log.exception("%s: unreadable message", self.name)
+            messages, ended = [], True
+        for message in messages:
+            self._handle(message)
+        if ended:  # end of file: the child is gone
+            self._exited()
 
     def _handle(self, message: tuple[Any, ...]) -> None:
         kind = message[0]
@@ -689,23 +697,11 @@ class _ChildWorker(EngineWorker):
         with contextlib.suppress(OSError, ValueError):
             select.select([self._inbound_fd], [], [], timeout)
 
-    def _read_inbound(self) -> list[Any]:
-        """The parent's messages complete now (without blocking); stop if it is gone."""
-        messages: list[Any] = []
-        while True:
-            try:
-                data = os.read(self._inbound_fd, _READ_BYTES)
-            except BlockingIOError:
-                return messages
-            except OSError:
-                data = b""
-            if not data:  # the parent is gone
-                self.request_stop()
-                return messages
-            messages += self._inbound_reader.feed(data)
-
     def _drain(self) -> None:
-        for message in self._read_inbound():
+        messages, ended = read_messages(self._inbound_fd, self._inbound_reader)
+        if ended:  # the parent is gone
+            self.request_stop()
+        for message in messages:
             if message[0] == "stop":
                 self.request_stop()
                 break

@@ -27,7 +27,12 @@ from server.codes import CloseCode, SessionError
 from streaming.framing import SUPPORTED_RATES, SampleFormat
 from streaming.lowband import LOWBAND_LAYOUT_NONE
 from streaming.model import BitrateMode, ModelCard
-from streaming.protocol import ProtocolError, TokenPacket, packet_from_json
+from streaming.protocol import (
+    ProtocolError,
+    TokenPacket,
+    packet_from_json,
+    reject_json_constant,
+)
 
 __all__ = [
     "MAX_PING_ID_BYTES",
@@ -193,12 +198,6 @@ Control = SetBitrate | Flush | End | Ping | PacketMessage
 # ---- parsing helpers ----------------------------------------------------------------------
 
 
-def _reject_constant(name: str) -> Any:
-    """`json.loads` hook: NaN, Infinity and -Infinity are not JSON (and no reply could echo
-    them: `to_text` refuses them)."""
-    raise ValueError(f"{name} is not a JSON value")
-
-
 def _finite_float(text: str) -> float:
     """`json.loads` hook: a JSON number too large for a double (it would become inf)."""
     value = float(text)
@@ -211,7 +210,7 @@ def parse_text(text: str) -> dict[str, Any]:
     """The JSON object of a text message; 1007 when it is not JSON (NaN, Infinity, numbers
     beyond a double and nesting too deep to parse included) or not an object."""
     try:
-        value = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+        value = json.loads(text, parse_constant=reject_json_constant, parse_float=_finite_float)
     except ValueError as exc:
         raise SessionError(CloseCode.INVALID_PAYLOAD, f"text message is not JSON: {exc}") from None
     except RecursionError:

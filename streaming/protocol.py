@@ -92,6 +92,7 @@ __all__ = [
     "payload_size",
     "read_bitstream",
     "read_bitstream_arrays",
+    "reject_json_constant",
     "seq_add",
     "seq_diff",
     "seq_le",
@@ -1277,9 +1278,11 @@ def encode_file_header(header: BitstreamHeader) -> bytes:
     streamed header (`num_frames` None) needs widths whose smallest frame takes at least
     8 bits (ValueError otherwise, see docs/protocol.md, "Streamed files").
     """
-    problem = None
-    if header.num_frames is None:
-        problem = _unstreamable(header.code_bits, header.gain_bits, header.version)
+    problem = (
+        _unstreamable(header.code_bits, header.gain_bits, header.version)
+        if header.num_frames is None
+        else None
+    )
     if problem:
         raise ValueError(f"{problem}: give the file its frame count")
     model_id = header.model_id.encode("utf-8")
@@ -1630,8 +1633,9 @@ def packet_to_json(packet: TokenPacket) -> dict[str, object]:
     return out
 
 
-def _reject_constant(name: str) -> object:
-    """`json.loads` hook: NaN, Infinity and -Infinity are not JSON."""
+def reject_json_constant(name: str) -> object:
+    """`json.loads(parse_constant=)` hook: NaN, Infinity and -Infinity are not JSON (and
+    no reply could echo them: `json.dumps(allow_nan=False)` refuses them)."""
     raise ValueError(f"{name} is not a JSON value")
 
 
@@ -1640,7 +1644,7 @@ def _json_object(obj: object, what: str, *, text: bool = True) -> Mapping[str, o
     does not parse: NaN/Infinity and nesting too deep to parse included)."""
     if text and isinstance(obj, (str, bytes, bytearray)):
         try:
-            obj = json.loads(obj, parse_constant=_reject_constant)
+            obj = json.loads(obj, parse_constant=reject_json_constant)
         except ValueError as exc:  # UnicodeDecodeError included
             raise ProtocolError(ErrorCode.CORRUPT, f"{what} is not valid JSON: {exc}") from None
         except RecursionError:
