@@ -513,15 +513,22 @@ class StreamSession(Session):
             self._submit(control.packet.frame)
             self._submitted_ms += self.card.frame_ms
 
+    @property
+    def unanswered_ms(self) -> float:
+        """Input received and not yet answered by a sent output, ms (>= 0): what flow
+        control bounds by `max_backlog_ms`."""
+        return self._submitted_ms - self._done_ms
+
     def _backlog_full(self) -> bool:
-        return (
-            self._submitted_ms - self._done_ms > self.settings.max_backlog_ms
-            or super()._backlog_full()
-        )
+        return self.unanswered_ms > self.settings.max_backlog_ms or super()._backlog_full()
 
     def _sent(self, item: Out) -> None:
         if item.frames:
-            self._done_ms += item.frames * self.card.frame_ms
+            # A flush pads the last partial frame: its output answers more than was sent.
+            # Capped, so that repeated tiny chunks + flush never build up credit for a later
+            # flood (the answered time never runs ahead of the input).
+            self._done_ms = min(self._done_ms + item.frames * self.card.frame_ms,
+                                self._submitted_ms)
 
     def _cleanup(self) -> None:
         if self.job is not None:

@@ -324,3 +324,40 @@ async def test_client_that_floods_and_vanishes_is_cleaned_up(server: ServerThrea
         flood.task.cancel()
         await asyncio.gather(flood.task, return_exceptions=True)
         assert list(server.state.rooms.rooms["vanish"].participants) == [1]
+
+
+async def test_flush_padding_builds_up_no_flow_control_credit(server: ServerThread) -> None:
+    """A flush pads a one-sample chunk out to a whole frame: that output answers the one
+    sample, not 20 ms, so cycles of tiny chunks and flushes leave nothing unanswered and no
+    credit (before the fix: -19.94 ms per cycle, room for a later flood past
+    `max_backlog_ms`)."""
+    async with connect(server.ws("/v1/encode")) as ws:
+        session = session_of(server, await hello(ws))
+        for _ in range(10):
+            await ws.send(b"\x01\x00")  # one s16le sample
+            await ws.send(json.dumps({"type": "flush"}))
+            packets = 0
+            while True:
+                message = await asyncio.wait_for(ws.recv(), 10)
+                if isinstance(message, bytes):
+                    packets += 1
+                    continue
+                assert json.loads(message)["type"] == "flushed"
+                break
+            assert packets == 1  # the padded frame
+        assert session.unanswered_ms == 0.0
+        await ws.send(b"\x00\x00" * 160)  # 10 ms, half a frame: unanswered until a flush
+        await settle_until(lambda: session.unanswered_ms > 0)
+        assert session.unanswered_ms == pytest.approx(10.0)
+        await ws.send(json.dumps({"type": "end"}))
+        got = await receive_all(ws)
+    assert got.of_type("end") and got.code == CloseCode.NORMAL
+
+
+async def settle_until(condition: Any, timeout: float = 5.0) -> None:
+    """Wait (polling the loop) until `condition()` holds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():
+        assert loop.time() < deadline, "condition not reached"
+        await asyncio.sleep(0.01)
