@@ -7,7 +7,11 @@ Resampling uses the engine's own polyphase resampler (`streaming.framing.Resampl
 Kaiser-windowed sinc, 80 dB stopband, passband to 0.85 of the lower Nyquist frequency) for
 any pair of integer rates, and compensates its group delay: `resample(x, a, b)[k]` is the
 signal at time k / b seconds, the same instant as `x[k * a / b]`.  The output has
-`ceil(len(x) * b / a)` samples unless a length is given.
+`ceil(len(x) * b / a)` samples unless a length is given.  Uncommon rates (22254, 11127,
+22051 Hz, ...) get the resampler's interpolated design (bounded memory, the delay still a
+whole number of output samples); a pair it cannot resample (a ratio above about 490
+between rates with a small common divisor, e.g. 7800001 Hz -> 16 kHz) is a ClientError
+naming both rates.
 """
 
 from __future__ import annotations
@@ -48,9 +52,11 @@ class Audio:
 def read_audio(path: Path | str) -> Audio:
     """Read an audio file as mono float32 (channels averaged).
 
-    Raises ClientError naming the file when it is missing, not audio, or empty.
+    Raises ClientError naming the file when it is missing, a directory, not audio, or empty.
     """
     p = Path(path)
+    if p.is_dir():
+        raise ClientError(f"{p}: is a directory, not an audio file")
     if not p.is_file():
         raise ClientError(f"{p}: no such file")
     try:
@@ -84,15 +90,21 @@ def resample(x: F32, rate_in: int, rate_out: int, length: int | None = None) -> 
     """Resample `x` (float32, mono) from `rate_in` to `rate_out` Hz, delay-compensated.
 
     Returns `length` samples (default `resampled_length(len(x), ...)`), zero-padded at the
-    end if the filter runs out of input.
+    end if the filter runs out of input.  ClientError when the rates are not positive or no
+    supported filter resamples between them.
     """
+    if rate_in <= 0 or rate_out <= 0:
+        raise ClientError(f"cannot resample {rate_in} Hz -> {rate_out} Hz: rates must be positive")
     out_len = resampled_length(x.shape[0], rate_in, rate_out) if length is None else length
     if rate_in == rate_out:
         out = np.zeros(out_len, dtype=np.float32)
         n = min(out_len, x.shape[0])
         out[:n] = x[:n]
         return out
-    rs = Resampler(rate_in, rate_out)
+    try:
+        rs = Resampler(rate_in, rate_out)
+    except ValueError as exc:  # a ratio too large for any supported filter
+        raise ClientError(str(exc)) from None
     skip = rs.delay_out_samples
     need = out_len + skip
     # zeros after the signal flush the filter: enough input for `need` outputs

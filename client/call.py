@@ -9,12 +9,18 @@
   chunks go to the server, which encodes them.
 * `receive="tokens"`: other participants' packets go to one jitter buffer + decoder per
   sender (client.engine.PlayoutSide), mixed and played; `receive="pcm"`: the server mixes
-  and the client only buffers and plays the PCM it gets.
+  and the client only buffers and plays the PCM it gets, holding the speaker buffer near
+  `playout_ms`: an empty buffer is primed with `playout_ms` of silence, and when more than
+  `playout_ms` + 2 frames are queued as a new chunk arrives (a burst after a network stall,
+  or a server clock faster than the speaker's) the oldest queued audio is dropped down to
+  `playout_ms` (counted in `CallStats.pcm_dropped_s`).
 
 The audio callbacks only copy to/from the rings (client.devices); the capture and playout
 threads do the codec work; the asyncio loop does the network and the status line.  Muting
 stops sending (the encoder keeps running, so unmuting is instant).  Hang-up (`hangup()`,
 Ctrl-C, end of `duration`) sends `end`, waits for the server's close (1000) and stops audio.
+A session the server closes without a hang-up (1001 "server shutting down", ...) ends the
+call too, with the close code and reason in `CallStats.closed_by_server`.
 """
 
 from __future__ import annotations
@@ -44,12 +50,17 @@ __all__ = ["CallClient", "CallOptions", "CallStats"]
 
 F32: TypeAlias = npt.NDArray[np.float32]
 
+PCM_CATCHUP_MARGIN_FRAMES = 2
+"""receive="pcm": frames queued beyond `playout_ms` before the oldest are dropped (as
+`JitterConfig.catchup_margin_frames` for tokens)."""
+
 
 @dataclass(frozen=True)
 class CallOptions:
     """What `codec-client call` was asked for (see its --help).  `mode`: the bitrate mode of
     what this participant sends (None: the model's 6 kbps mode); `rate_cap`: hold what it
-    sends to that mode's rate (`EncoderStream(rate_cap=True)`)."""
+    sends to that mode's rate (`EncoderStream(rate_cap=True)` here, or the server's encoder
+    for `send="pcm"`); `playout_ms`: the speaker buffer kept, ms (> 0)."""
 
     server: str
     room: str
@@ -63,10 +74,19 @@ class CallOptions:
     playout_ms: float = 40.0
     duration_s: float | None = None
 
+    def __post_init__(self) -> None:
+        if not self.playout_ms > 0.0:  # also rejects NaN
+            raise ValueError(f"playout_ms must be > 0, got {self.playout_ms}")
+
 
 @dataclass
 class CallStats:
-    """Counters of a call so far (packets, frames, audio glitches)."""
+    """Counters of a call so far (packets, frames, audio glitches).
+
+    `pcm_received_s`: PCM received (receive="pcm"), s, including `pcm_dropped_s`: what the
+    speaker buffer's catch-up discarded (the PCM counterpart of the jitter buffer's
+    `dropped`).  `closed_by_server`: {"code", "reason"} of the close when the server ended
+    the session without a hang-up (else None)."""
 
     participant_id: int = 0
     peers: int = 0
@@ -77,9 +97,11 @@ class CallStats:
     send_dropped: int = 0
     pcm_sent_s: float = 0.0
     pcm_received_s: float = 0.0
+    pcm_dropped_s: float = 0.0
     playout: PlayoutTotals = dataclasses.field(default_factory=PlayoutTotals)
     audio: AudioCounters = dataclasses.field(default_factory=AudioCounters)
     end: dict[str, Any] | None = None
+    closed_by_server: dict[str, Any] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -123,6 +145,7 @@ class CallClient:
         """Bitrate mode of what this participant sends."""
         self.stop = threading.Event()
         self.hangup_requested = asyncio.Event()
+        self._hangup = False  # hangup() before run() started: honoured once it starts
         self.session: Session | None = None
         self.peers: dict[int, str] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -132,7 +155,12 @@ class CallClient:
         self._pcm_chunk: F32 = np.zeros(audio.rate // 50, dtype=np.float32)
         self._pcm_sent = 0
         self._pcm_received = 0
-        self._prime = int(options.playout_ms * audio.rate / 1000.0)
+        self._pcm_dropped = 0
+        self._prime = max(1, int(options.playout_ms * audio.rate / 1000.0))
+        frame = max(1, round(audio.rate * self.card.frame_ms / 1000.0))
+        self._pcm_catchup = self._prime + PCM_CATCHUP_MARGIN_FRAMES * frame
+        """receive="pcm": queued samples above which a new chunk triggers a catch-up."""
+        self._discard: F32 = np.zeros(5 * frame, dtype=np.float32)
         self._workers: list[_Worker] = []
         self.muted = False
         self.stats = CallStats()
@@ -146,7 +174,7 @@ class CallClient:
         if "pcm" in (o.send, o.receive):
             hello |= {"sample_rate": self.audio.rate, "format": "f32le"}
         if o.send == "pcm":
-            hello |= {**mode_fields(self.mode), "timestamps": o.timestamps}
+            hello |= {**mode_fields(self.mode), "timestamps": o.timestamps, "rate_cap": o.rate_cap}
         return hello
 
     def toggle_mute(self) -> bool:
@@ -157,9 +185,11 @@ class CallClient:
         return self.muted
 
     def hangup(self) -> None:
-        """Ask the call to end (thread-safe)."""
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self.hangup_requested.set)
+        """Ask the call to end (thread-safe; also before or while it joins)."""
+        self._hangup = True
+        loop = self._loop
+        if loop is not None:
+            loop.call_soon_threadsafe(self.hangup_requested.set)
 
     async def run(
         self,
@@ -170,6 +200,8 @@ class CallClient:
 
         `on_joined` is called once audio runs, `on_status` four times a second."""
         self._loop = asyncio.get_running_loop()
+        if self._hangup:
+            self.hangup_requested.set()
         path = f"/v1/rooms/{self.options.room}"
         self.session = await Session.open(
             self.options.server, path, self.hello(), api_key=self.options.api_key
@@ -185,9 +217,11 @@ class CallClient:
         receiver = asyncio.create_task(self._recv_loop())
         status = asyncio.create_task(self._status_loop(on_status))
         try:
-            await self._wait_for_end([sender, receiver, status])
+            hung_up = await self._wait_for_end([sender, receiver, status])
         finally:
             await self._leave(sender, receiver, status)
+        if not hung_up:
+            self._note_server_close()
         return self.snapshot()
 
     def snapshot(self) -> CallStats:
@@ -203,6 +237,7 @@ class CallClient:
             s.playout = self.playout.stats()
         s.pcm_sent_s = self._pcm_sent / self.audio.rate
         s.pcm_received_s = self._pcm_received / self.audio.rate
+        s.pcm_dropped_s = self._pcm_dropped / self.audio.rate
         s.audio = self.audio.counters()
         return s
 
@@ -256,12 +291,28 @@ class CallClient:
                 self._pcm_sent += n
 
     def _play_pcm(self, data: bytes) -> None:
-        """PCM from the server (receive="pcm"): re-prime after an underrun, then queue."""
+        """PCM from the server (receive="pcm"): re-prime after an underrun, catch up after a
+        burst (see the module doc), then queue."""
         pcm = np.frombuffer(data, dtype="<f4")
-        if self.audio.playback_queued == 0:
+        queued = self.audio.playback_queued
+        if queued == 0:
             self.audio.playback.write_zeros(self._prime)
+        elif queued > self._pcm_catchup:
+            self._pcm_dropped += self._drop_oldest(queued - self._prime)
         self.audio.write_playback(pcm)
         self._pcm_received += pcm.shape[0]
+
+    def _drop_oldest(self, n: int) -> int:
+        """Discard up to `n` of the oldest queued playback samples; return how many.  (The
+        speaker callback may consume some meanwhile: the ring's lock keeps both consistent.)"""
+        dropped = 0
+        scratch = self._discard
+        while dropped < n:
+            got = self.audio.playback.read_into(scratch[: min(n - dropped, scratch.shape[0])])
+            if got == 0:
+                break
+            dropped += got
+        return dropped
 
     # ---- network side ---------------------------------------------------------------------
 
@@ -276,7 +327,12 @@ class CallClient:
                     times = PacketTimes(clock_us(time.perf_counter()))
                     item = dataclasses.replace(item, times=times)
                 item = encode_packet(item, code_bits=card.code_bits, gain_bits=card.gain.bits)
-            await session.send_bytes(item)
+            try:
+                await session.send_bytes(item)
+            except ClientError:
+                if _normal_close(session) is None:
+                    raise
+                return  # the server closed the session normally: the receiver reports it
 
     async def _recv_loop(self) -> None:
         session = self.session
@@ -306,11 +362,12 @@ class CallClient:
             if failed is not None:
                 raise ClientError(f"audio thread failed: {failed!r}")
 
-    async def _wait_for_end(self, tasks: list[asyncio.Task[None]]) -> None:
-        waiters: set[asyncio.Future[Any]] = {
-            *tasks,
-            asyncio.ensure_future(self.hangup_requested.wait()),
-        }
+    async def _wait_for_end(self, tasks: list[asyncio.Task[None]]) -> bool:
+        """Wait for a hang-up, the end of `duration_s` or the end of a task; raise a task's
+        error.  True when the user hung up (hang-up or duration), False when the session
+        ended on its own (the server closed it)."""
+        hangup = asyncio.ensure_future(self.hangup_requested.wait())
+        waiters: set[asyncio.Future[Any]] = {*tasks, hangup}
         timeout = self.options.duration_s
         done, _ = await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         for waiter in waiters - done:
@@ -320,6 +377,19 @@ class CallClient:
             error = task.exception() if task in tasks else None
             if error is not None:
                 raise error
+        return hangup in done or not done or self.hangup_requested.is_set()
+
+    def _note_server_close(self) -> None:
+        """Record the close of a session the server ended (the user did not hang up)."""
+        session = self.session
+        if session is None:
+            return
+        frame = _normal_close(session)
+        if frame is not None:
+            code, reason = frame
+        else:
+            code, reason = session.ws.close_code or 1006, session.ws.close_reason or ""
+        self.stats.closed_by_server = {"code": int(code), "reason": reason}
 
     async def _leave(
         self, sender: asyncio.Task[None], receiver: asyncio.Task[None], status: asyncio.Task[None]
@@ -343,3 +413,12 @@ class CallClient:
         for worker in self._workers:
             worker.join(timeout=1.0)
         await asyncio.gather(sender, receiver, status, return_exceptions=True)
+
+
+def _normal_close(session: Session) -> tuple[int, str] | None:
+    """(code, reason) of the close frame the server sent when it is a normal one (1000 or
+    1001: what `Session.recv` turns into the end of the messages), else None."""
+    frame = session.ws.protocol.close_rcvd
+    if frame is None or frame.code not in (1000, 1001):
+        return None
+    return int(frame.code), str(frame.reason)

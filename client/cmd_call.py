@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import math
 import signal
 import sys
 import threading
@@ -20,13 +21,15 @@ from client.devices import (
     pick_rate,
     resolve_device,
 )
-from client.errors import EXIT_OK
+from client.errors import EXIT_OK, EXIT_USAGE, ClientError, check_writable
 from client.files import add_mode_arguments, describe_mode, load_model, mode_from_args
 
 __all__ = ["add_call", "format_status", "run_call"]
 
 METER_WIDTH = 20
 METER_FLOOR_DB = -60.0
+MAX_PLAYOUT_MS = 5000.0
+MAX_BLOCK_MS = 500.0
 
 
 def add_call(sub: argparse._SubParsersAction[argparse.ArgumentParser], help_text: str) -> None:
@@ -44,9 +47,9 @@ def add_call(sub: argparse._SubParsersAction[argparse.ArgumentParser], help_text
     p.add_argument(
         "--rate-cap",
         action="store_true",
-        help="with --send tokens: hold what you send to the mode's rate (bursts of at most 1 s "
-        "of it) by trimming the low band of frames over budget (for links that cannot take a "
-        "burst; costs quality on loud speech)",
+        help="hold what you send to the mode's rate (bursts of at most 1 s of it) by trimming "
+        "the low band of frames over budget (for links that cannot take a burst; costs quality "
+        "on loud speech); with --send pcm the server's encoder does it",
     )
     p.add_argument(
         "--send",
@@ -72,10 +75,13 @@ def add_call(sub: argparse._SubParsersAction[argparse.ArgumentParser], help_text
         "--playout-ms",
         type=float,
         default=40.0,
-        help="speaker buffer kept filled, ms (default %(default)s)",
+        help="speaker buffer kept filled, ms, > 0 (default %(default)s)",
     )
     p.add_argument(
-        "--block-ms", type=float, default=10.0, help="sound device block, ms (default %(default)s)"
+        "--block-ms",
+        type=float,
+        default=10.0,
+        help="sound device block, ms, > 0 (default %(default)s)",
     )
     p.add_argument(
         "--timestamps",
@@ -154,13 +160,38 @@ def _key_thread(client: CallClient, mute_key: str, out: TextIO) -> None:
         threading.Thread(target=loop, name="keys", daemon=True).start()
 
 
+def _check_options(args: argparse.Namespace) -> None:
+    """ClientError (exit 2) for a buffer size the call cannot run with."""
+    for option, value, limit in (
+        ("--playout-ms", args.playout_ms, MAX_PLAYOUT_MS),
+        ("--block-ms", args.block_ms, MAX_BLOCK_MS),
+    ):
+        if not (math.isfinite(value) and 0.0 < value <= limit):
+            raise ClientError(
+                f"{option} must be > 0 and at most {limit:g} ms, got {value:g}",
+                exit_code=EXIT_USAGE,
+            )
+
+
+
+def _write_stats(path: Path, stats: CallStats) -> None:
+    try:
+        path.write_text(json.dumps(stats.as_dict(), indent=2) + "\n")
+    except OSError as exc:
+        raise ClientError(f"--stats-json {path}: cannot write ({exc.strerror})") from None
+
+
 def _open_audio(args: argparse.Namespace) -> DeviceAudio:
     sd = load_sounddevice()
     in_index, _ = resolve_device(sd, args.input_device, "input")
     out_index, _ = resolve_device(sd, args.output_device, "output")
     rate = pick_rate(sd, in_index, out_index, preferred=16000)
     block = max(1, round(rate * args.block_ms / 1000.0))
-    return DeviceAudio(sd, in_index, out_index, rate, block=block)
+    capture_ms = max(1000.0, 4.0 * args.block_ms)
+    playback_ms = max(1000.0, 2.0 * args.playout_ms + 4.0 * args.block_ms)
+    return DeviceAudio(
+        sd, in_index, out_index, rate, block=block, capture_ms=capture_ms, playback_ms=playback_ms
+    )
 
 
 def run_call(args: argparse.Namespace) -> int:
@@ -168,6 +199,9 @@ def run_call(args: argparse.Namespace) -> int:
     if args.list_devices:
         print(describe_devices(load_sounddevice()))
         return EXIT_OK
+    _check_options(args)
+    if args.stats_json is not None:
+        check_writable(args.stats_json, "--stats-json ")
     model = load_model(args.model)
     options = CallOptions(
         server=args.server,
@@ -187,10 +221,14 @@ def run_call(args: argparse.Namespace) -> int:
         stats = asyncio.run(_call(CallClient(model, audio, options), args))
     finally:
         audio.close()
-    if args.stats_json is not None:
-        args.stats_json.write_text(json.dumps(stats.as_dict(), indent=2) + "\n")
     if not args.quiet:
         print(format_status(stats), file=sys.stderr)
+    if args.stats_json is not None:
+        _write_stats(args.stats_json, stats)
+    closed = stats.closed_by_server
+    if closed is not None:
+        reason = f": {closed['reason']}" if closed.get("reason") else ""
+        raise ClientError(f"the server ended the call with {closed['code']}{reason}")
     return EXIT_OK
 
 

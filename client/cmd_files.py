@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import sys
 from pathlib import Path
 
 from client.audiofile import Audio, read_audio, write_audio
-from client.errors import EXIT_OK, ClientError
+from client.errors import EXIT_OK, EXIT_USAGE, ClientError
 from client.files import (
     CodecParams,
     add_mode_arguments,
@@ -36,7 +37,10 @@ from client.remote import (
 from streaming.model import BitrateMode, CodecModel
 from streaming.protocol import BitstreamHeader, SourceInfo, TokenFrame, write_bitstream
 
-__all__ = ["add_decode", "add_encode", "run_decode", "run_encode"]
+__all__ = ["MAX_OUTPUT_RATE", "add_decode", "add_encode", "run_decode", "run_encode"]
+
+MAX_OUTPUT_RATE = 768_000
+"""Highest `decode --rate`, Hz (the highest rate common audio hardware and formats use)."""
 
 
 def add_common(parser: argparse.ArgumentParser) -> None:
@@ -154,7 +158,8 @@ def _encode_via_http(
 ) -> tuple[bytes, int]:
     params = CodecParams.from_card(model.card)
     prepared = prepare_input(audio, params)
-    frames = encode_http(args.server, prepared, params, mode, args.api_key)
+    header, frames = encode_http(args.server, prepared, params, mode, args.api_key)
+    params = dataclasses.replace(params, model_id=header.model_id)  # the server's model
     return write_bitstream(params.header(prepared.source), frames), len(frames)
 
 
@@ -170,8 +175,11 @@ def _write_bytes(path: Path, data: bytes) -> None:
 
 def run_decode(args: argparse.Namespace) -> int:
     """Decode args.input to args.output."""
-    if args.rate is not None and args.rate <= 0:
-        raise ClientError(f"--rate must be a positive number of Hz, got {args.rate}")
+    if args.rate is not None and not 0 < args.rate <= MAX_OUTPUT_RATE:
+        raise ClientError(
+            f"--rate must be a number of Hz in 1..{MAX_OUTPUT_RATE}, got {args.rate}",
+            exit_code=EXIT_USAGE,
+        )
     header, frames = read_bitstream_file(args.input)
     source = header.source
     model = load_model(args.model)

@@ -5,6 +5,12 @@ fast as the server takes it) and every token packet the server returns is printe
 per frame; `--json`: the JSON form of docs/protocol.md, one object per line) and/or saved
 (`--save X.jsonl`: JSON lines, `--save X.csb`: a bitstream file).  At the end a summary gives
 the token latency: from sending the chunk that completed a frame to receiving its packet.
+
+Files at 8/16/24/48 kHz are sent at their own rate (the server resamples), others at 16 kHz.
+With `--save X.csb` the client sends instead exactly what `codec-client encode` sends
+(`client.files.prepare_input`: model-rate PCM, resampler delay compensated, zero-padded to
+F = ceil((n + D) / N) frames), so the saved file is the one `encode` writes and decodes to
+the original, aligned and at its exact length.
 """
 
 from __future__ import annotations
@@ -12,17 +18,25 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
 import numpy as np
 
 from client.audiofile import Audio, read_audio, resample
-from client.errors import EXIT_OK, ClientError
-from client.files import add_mode_arguments, describe_mode, load_model, mode_from_args
-from client.remote import params_from_ready
+from client.errors import EXIT_OK, ClientError, check_writable
+from client.files import (
+    add_mode_arguments,
+    describe_mode,
+    load_model,
+    mode_from_args,
+    prepare_input,
+)
+from client.remote import open_encoder, params_from_ready
 from client.session import RESPONSE_TIMEOUT_S, Ready, Session, mode_fields
 from streaming.framing import SUPPORTED_RATES
 from streaming.model import BitrateMode, CodecModel, ModelCard
@@ -51,12 +65,23 @@ def add_stream(sub: argparse._SubParsersAction[argparse.ArgumentParser], help_te
         "--save", type=Path, metavar="FILE", help="save the tokens: .jsonl (JSON lines) or .csb"
     )
     p.add_argument("--fast", action="store_true", help="send as fast as possible")
-    p.add_argument("--chunk-ms", type=float, default=20.0, help="PCM chunk, ms (default 20)")
+    p.add_argument("--chunk-ms", type=_positive_ms, default=20.0, help="PCM chunk, ms (default 20)")
     p.add_argument(
         "--api-key", metavar="KEY", help="server API key (default: $CODECSTREAM_API_KEY)"
     )
     p.add_argument("--model", type=Path, metavar="DIR", help="local model directory")
     p.add_argument("-q", "--quiet", action="store_true", help="print no tokens, only the summary")
+
+
+def _positive_ms(text: str) -> float:
+    """--chunk-ms: a positive, finite number of milliseconds (else a usage error, exit 2)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of ms: {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive number of ms, got {text!r}")
+    return value
 
 
 def _line(packet: TokenPacket) -> str:
@@ -100,30 +125,54 @@ class _Collector:
             self.out.write(_line(packet) + "\n")
 
 
+@dataclass
+class _Result:
+    collector: _Collector
+    end: dict[str, Any]
+    ready: dict[str, Any]
+    source: SourceInfo
+    expected_frames: int | None
+    """Frames the prepared input (--save .csb) must give; None for a file sent as is."""
+
+
 def run_stream(args: argparse.Namespace) -> int:
     """Run `stream`."""
-    audio = read_audio(args.input)
-    source = SourceInfo(audio.rate, len(audio.samples))
-    if audio.rate not in SUPPORTED_RATES:
-        audio = Audio(resample(audio.samples, audio.rate, 16000), 16000)
-    model = load_model(args.model)
-    mode = mode_from_args(model.card, args)
     if args.save is not None and args.save.suffix not in (".jsonl", ".csb"):
         raise ClientError(f"--save {args.save}: use a .jsonl or .csb file name")
-    started = time.perf_counter()
-    collector, end, ready = asyncio.run(_stream(args, audio, mode))
-    elapsed = time.perf_counter() - started
+    audio = read_audio(args.input)
+    model = load_model(args.model)
+    mode = mode_from_args(model.card, args)
     if args.save is not None:
-        _save(args.save, collector.packets, ready, model, source)
-    _summary(collector, end, audio, elapsed, mode, model.card)
+        check_writable(args.save)  # before streaming, not after (the tokens would be lost)
+    started = time.perf_counter()
+    result = asyncio.run(_stream(args, audio, mode, model))
+    elapsed = time.perf_counter() - started
+    frames = len(result.collector.packets)
+    if result.expected_frames is not None and frames != result.expected_frames:
+        raise ClientError(f"the server returned {frames} frames, {result.expected_frames} expected")
+    if args.save is not None:
+        _save(args.save, result.collector.packets, result.ready, model, result.source)
+    _summary(result.collector, result.end, audio, elapsed, mode, model.card)
     return EXIT_OK
 
 
+
 async def _stream(
-    args: argparse.Namespace, audio: Audio, mode: BitrateMode
-) -> tuple[_Collector, dict[str, Any], dict[str, Any]]:
-    hello = {"sample_rate": audio.rate, "format": "f32le", **mode_fields(mode)}
-    session = await Session.open(args.server, "/v1/encode", hello, api_key=args.api_key)
+    args: argparse.Namespace, audio: Audio, mode: BitrateMode, model: CodecModel
+) -> _Result:
+    source = SourceInfo(audio.rate, len(audio.samples))
+    expected: int | None = None
+    if args.save is not None and args.save.suffix == ".csb":
+        # what `encode --server` sends: the prepared model-rate PCM, in binary token mode
+        session = await open_encoder(args.server, model.card.sample_rate, mode, args.api_key)
+        prepared = prepare_input(audio, params_from_ready(session.ready, model.card))
+        audio = Audio(prepared.pcm, model.card.sample_rate)
+        source, expected = prepared.source, prepared.frames
+    else:
+        if audio.rate not in SUPPORTED_RATES:
+            audio = Audio(resample(audio.samples, audio.rate, 16000), 16000)
+        hello = {"sample_rate": audio.rate, "format": "f32le", **mode_fields(mode)}
+        session = await Session.open(args.server, "/v1/encode", hello, api_key=args.api_key)
     ready = session.ready
     collector = _Collector(args, sys.stdout, ready.frame_samples)
     chunk = max(1, round(audio.rate * args.chunk_ms / 1000.0))
@@ -145,7 +194,7 @@ async def _stream(
                 collector.packet(_parse(message, ready), time.perf_counter())
 
     await asyncio.gather(send(), receive())
-    return collector, session.end_message or {}, ready.raw
+    return _Result(collector, session.end_message or {}, ready.raw, source, expected)
 
 
 def _parse(message: bytes, ready: Ready) -> TokenPacket:

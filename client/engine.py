@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import queue
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -194,6 +195,12 @@ class PlayoutSide:
     * `idle_timeout_s`: a sender silent this long (no real frame) is forgotten.
     * `record`: keep a `PlayRecord` per played real frame in `records`.
     * `stats`: a `LatencyStats` every decoder adds its frames to.
+
+    `receive`, `forget` and `stats` may be called from any thread; `fill` from one playout
+    thread.  The playout thread changes the set of senders (a new stream's first packet, a
+    `left` event, an idle timeout) under `_lock`, and `stats` reads it under the same lock, so
+    a status line on another thread never sees the dict change size mid-iteration.  The
+    per-tick work takes no lock: only adding or removing a sender does.
     """
 
     def __init__(
@@ -225,7 +232,10 @@ class PlayoutSide:
         self.inbox: queue.SimpleQueue[tuple[bytes, float]] = queue.SimpleQueue()
         self._leaving: queue.SimpleQueue[int] = queue.SimpleQueue()
         self.senders: dict[int, _Sender] = {}
+        """Current senders; changed (on the playout thread) only while holding `_lock`."""
         self.totals = PlayoutTotals()
+        self._lock = threading.Lock()
+        self._gone: list[int] = []  # senders idle too long, reused by every tick
         self._target = int(target_ms * port.rate / 1000.0)
         self._mix: F32 = np.zeros(card.frame_size, dtype=np.float32)
         self._frame: F32 = np.zeros(card.frame_size, dtype=np.float32)
@@ -271,9 +281,7 @@ class PlayoutSide:
         `left` event came after their last packet on the same connection)."""
         self._take_packets()
         while not self._leaving.empty():
-            gone = self.senders.pop(self._leaving.get_nowait(), None)
-            if gone is not None:
-                self.totals.add(gone.jitter.stats())
+            self._remove_sender(self._leaving.get_nowait())
 
     def _take_packets(self) -> None:
         card = self.card
@@ -311,16 +319,24 @@ class PlayoutSide:
             ),
             [None] * self.jitter_config.capacity,
         )
-        self.senders[stream_id] = sender
-        self.totals.senders += 1
+        with self._lock:
+            self.senders[stream_id] = sender
+            self.totals.senders += 1
         return sender
+
+    def _remove_sender(self, stream_id: int) -> None:
+        """Forget a sender, adding its final counters to the totals (one step for `stats`)."""
+        with self._lock:
+            gone = self.senders.pop(stream_id, None)
+            if gone is not None:
+                self.totals.add(gone.jitter.stats())
 
     def _tick(self) -> None:
         mix = self._mix
         mix.fill(0.0)
         position = self.port.playback_written
         popped = self.clock()
-        gone: list[int] = []
+        gone = self._gone
         for stream_id, sender in self.senders.items():
             item = sender.jitter.pop()
             if item.frame is None:
@@ -337,8 +353,10 @@ class PlayoutSide:
                     sender.idle_ticks += 1
             if sender.idle_ticks > self._idle_limit:
                 gone.append(stream_id)
-        for stream_id in gone:
-            self.totals.add(self.senders.pop(stream_id).jitter.stats())
+        if gone:
+            for stream_id in gone:
+                self._remove_sender(stream_id)
+            gone.clear()
         np.clip(mix, -1.0, 1.0, out=mix)
         peak = float(np.max(np.abs(mix)))
         self.level_db = 20.0 * math.log10(peak) if peak > 1e-6 else SILENCE_DB
@@ -388,10 +406,12 @@ class PlayoutSide:
         self._pending = keep
 
     def stats(self) -> PlayoutTotals:
-        """Counters of every sender, past and present."""
-        totals = replace(self.totals, per_sender={})
-        for stream_id, sender in self.senders.items():
-            stats = sender.jitter.stats()
-            totals.add(stats)
-            totals.per_sender[stream_id] = stats
+        """Counters of every sender, past and present (safe from any thread: see the class
+        doc)."""
+        with self._lock:
+            totals = replace(self.totals, per_sender={})
+            for stream_id, sender in self.senders.items():
+                stats = sender.jitter.stats()
+                totals.add(stats)
+                totals.per_sender[stream_id] = stats
         return totals

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Final
 
 EXIT_OK: Final = 0
@@ -21,3 +22,17 @@ class ClientError(Exception):
 
     def __str__(self) -> str:
         return self.message
+
+
+def check_writable(path: Path, label: str = "") -> None:
+    """ClientError unless `path` can be written, checked before long work (without
+    truncating an existing file, and leaving none behind); `label` prefixes the message,
+    e.g. the option's name."""
+    existed = path.exists()
+    try:
+        with path.open("ab"):
+            pass
+    except OSError as exc:
+        raise ClientError(f"{label}{path}: cannot write ({exc.strerror})") from None
+    if not existed:
+        path.unlink(missing_ok=True)

@@ -21,6 +21,7 @@ sends the same padded model-rate PCM to the server, so both give the same tokens
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ import numpy as np
 import numpy.typing as npt
 
 from client.audiofile import Audio, resample, resampled_length
-from client.errors import ClientError
+from client.errors import EXIT_USAGE, ClientError
 from client.progress import progress_bar
 from streaming.framing import SampleFormat
 from streaming.lowband import LOWBAND_LAYOUT_NONE
@@ -121,22 +122,30 @@ def mode_for(
     6 kbps) or --codebooks N [--lowband-layout L] (N codebooks with layout L, default 0)."""
     q = card.num_codebooks
     if lowband_layout is not None and codebooks is None:
-        raise ClientError("--lowband-layout needs --codebooks (--kbps picks the layout itself)")
+        raise ClientError(
+            "--lowband-layout needs --codebooks (--kbps picks the layout itself)",
+            exit_code=EXIT_USAGE,
+        )
     if codebooks is not None:
         if not 1 <= codebooks <= q:
-            raise ClientError(f"--codebooks must be in 1..{q} for model {card.model_id}")
+            raise ClientError(
+                f"--codebooks must be in 1..{q} for model {card.model_id}", exit_code=EXIT_USAGE
+            )
         layout = LOWBAND_LAYOUT_NONE if lowband_layout is None else lowband_layout
         usable = card.lowband_layouts
         if layout not in usable:
             raise ClientError(
                 f"--lowband-layout must be one of {', '.join(map(str, usable))} for model "
-                f"{card.model_id}"
+                f"{card.model_id}",
+                exit_code=EXIT_USAGE,
             )
         return card.mode(codebooks, layout)
+    if kbps is not None and not math.isfinite(kbps):
+        raise ClientError(f"--kbps must be a finite number, got {kbps}", exit_code=EXIT_USAGE)
     try:
         return card.mode_for_bitrate(DEFAULT_KBPS if kbps is None else kbps)
     except ValueError as exc:
-        raise ClientError(f"--kbps: {exc}") from None
+        raise ClientError(f"--kbps: {exc}", exit_code=EXIT_USAGE) from None
 
 
 def mode_from_args(card: ModelCard, args: argparse.Namespace) -> BitrateMode:

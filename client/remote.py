@@ -38,6 +38,7 @@ from client.session import (
 )
 from streaming.model import BitrateMode, ModelCard
 from streaming.protocol import (
+    BitstreamHeader,
     ProtocolError,
     TokenFrame,
     TokenPacket,
@@ -199,8 +200,11 @@ def _http_post(url: str, body: bytes, content_type: str, api_key: str | None) ->
         detail = exc.read().decode("utf-8", errors="replace")
         try:
             parsed = json.loads(detail)
-            detail = f"{parsed.get('error')}: {parsed.get('detail')}"
-        except (ValueError, AttributeError):
+            if "error" in parsed:
+                detail = f"{parsed['error']}: {parsed.get('detail')}"
+            else:  # not one of the server's errors (e.g. FastAPI's 404 {"detail": ...})
+                detail = str(parsed.get("detail", detail))[:200]
+        except (ValueError, AttributeError, TypeError):
             detail = detail[:200]
         raise ClientError(f"{url}: HTTP {exc.code}: {detail}") from None
     except (urllib.error.URLError, OSError) as exc:
@@ -213,20 +217,31 @@ def encode_http(
     params: CodecParams,
     mode: BitrateMode,
     api_key: str | None,
-) -> list[TokenFrame]:
-    """Tokens of `prepared.pcm` from `POST /v1/encode` (a float WAV at the model rate) in
-    bitrate `mode`."""
+) -> tuple[BitstreamHeader, list[TokenFrame]]:
+    """The server's bitstream header and the tokens of `prepared.pcm` from `POST /v1/encode`
+    (a float WAV at the model rate) in bitrate `mode`.  The header names the server's model;
+    ClientError when its parameters are not those `prepared` was made for."""
     wav = io.BytesIO()
     sf.write(wav, prepared.pcm, params.sample_rate, format="WAV", subtype="FLOAT")
     url = http_url(server, f"/v1/encode?{urllib.parse.urlencode(mode_fields(mode))}")
     data = _http_post(url, wav.getvalue(), "audio/wav", api_key)
     try:
-        _, frames = read_bitstream(data)
+        header, frames = read_bitstream(data)
     except ProtocolError as exc:
         raise ClientError(f"{url}: the server sent an invalid bitstream ({exc})") from None
+    mine = (params.sample_rate, params.frame_size, params.code_bits, params.gain_bits,
+            params.num_codebooks)
+    theirs = (header.sample_rate, header.frame_size, header.code_bits, header.gain_bits,
+              header.num_codebooks)
+    if mine != theirs:
+        raise ClientError(
+            f"{url}: the server's model {header.model_id!r} has (rate, frame, code bits, gain "
+            f"bits, codebooks) = {theirs}, this client's model {params.model_id!r} {mine}: "
+            "use --transport ws, which adapts to the server's model"
+        )
     if len(frames) != prepared.frames:
         raise ClientError(f"the server returned {len(frames)} frames, {prepared.frames} expected")
-    return frames
+    return header, frames
 
 
 def decode_http(

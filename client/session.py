@@ -24,7 +24,7 @@ from urllib.parse import urlsplit, urlunsplit
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
-from client.errors import ClientError
+from client.errors import EXIT_USAGE, ClientError
 
 if TYPE_CHECKING:  # streaming.model loads onnxruntime: only its type is needed here
     from streaming.model import BitrateMode
@@ -41,13 +41,31 @@ Message = bytes | dict[str, Any]
 """A received message: binary media, or a JSON object (text message)."""
 
 
+def _bad_server(server: str, problem: str) -> ClientError:
+    """The usage error (exit code 2) of a malformed --server URL."""
+    return ClientError(
+        f"--server {server!r}: {problem}; expected a URL such as http://127.0.0.1:8000",
+        exit_code=EXIT_USAGE,
+    )
+
+
 def _split(server: str) -> tuple[str, str, str]:
-    """(scheme, netloc, path prefix) of a server URL; a bare host:port means http."""
-    if "://" not in server:
-        server = "http://" + server
-    parts = urlsplit(server)
-    if not parts.netloc:
-        raise ClientError(f"--server {server!r}: expected a URL such as http://127.0.0.1:8000")
+    """(scheme, netloc, path prefix) of a server URL; a bare host:port means http.
+
+    A malformed URL (no host, a port that is not a number in 1..65535, an unclosed IPv6
+    bracket, spaces or control characters) is a usage error (`_bad_server`)."""
+    url = server if "://" in server else "http://" + server
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # parsed lazily: raises ValueError for a bad port
+    except ValueError as exc:
+        raise _bad_server(server, f"not a valid URL ({exc})") from None
+    if not parts.hostname:
+        raise _bad_server(server, "no host name")
+    if port == 0:
+        raise _bad_server(server, "port 0")
+    if any(c.isspace() or not c.isprintable() for c in url):
+        raise _bad_server(server, "spaces or control characters in the URL")
     return parts.scheme.lower(), parts.netloc, parts.path.rstrip("/")
 
 
@@ -56,7 +74,7 @@ def ws_url(server: str, path: str) -> str:
     scheme, netloc, prefix = _split(server)
     mapped = {"http": "ws", "https": "wss", "ws": "ws", "wss": "wss"}.get(scheme)
     if mapped is None:
-        raise ClientError(f"--server {server!r}: unsupported scheme {scheme!r}")
+        raise _bad_server(server, f"unsupported scheme {scheme!r}")
     return urlunsplit((mapped, netloc, prefix + path, "", ""))
 
 
@@ -65,7 +83,7 @@ def http_url(server: str, path: str) -> str:
     scheme, netloc, prefix = _split(server)
     mapped = {"http": "http", "https": "https", "ws": "http", "wss": "https"}.get(scheme)
     if mapped is None:
-        raise ClientError(f"--server {server!r}: unsupported scheme {scheme!r}")
+        raise _bad_server(server, f"unsupported scheme {scheme!r}")
     return urlunsplit((mapped, netloc, prefix + path, "", ""))
 
 
@@ -150,6 +168,8 @@ class Session:
             )
         except (OSError, InvalidHandshake, InvalidURI, TimeoutError) as exc:
             raise ClientError(f"cannot connect to {url}: {exc}") from None
+        except ValueError as exc:  # what urllib / the resolver refuse beyond `_split`'s checks
+            raise _bad_server(server, f"not a valid URL ({exc})") from None
         session = cls(ws, url, Ready({}))
         message = {"type": "hello", "version": PROTOCOL_VERSION, **hello}
         try:

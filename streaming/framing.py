@@ -35,6 +35,20 @@ at both rates; with the defaults:
 
 (`Resampler.delay_ms` / `delay_in_samples` / `delay_out_samples` give the exact values.)
 
+Uncommon rates: where that rounding would make the filter longer than `MAX_EXACT_HALF`
+taps each side at rate_in*L (L*M large: rates with a small common divisor, such as 22254 or
+11127 Hz against 16 kHz, where an exact table would take gigabytes), `Resampler` uses an
+*interpolated* design instead (`exact` False): the same Kaiser low-pass tabulated at
+`INTERPOLATION_PHASES` (256) fractional phases per input sample, each output's coefficients
+interpolated linearly between the two nearest phases (error below -100 dB).  Its memory
+does not depend on L or M: 257 x taps float32, taps = about 67 input samples x
+max(1, rate_in / rate_out) with the defaults (22254 -> 16000: 95 taps, 0.1 MB).  Its delay
+is a whole number of output samples only: `delay_out_samples` is exact, `delay_in_samples`
+rounded up (the input that flushes it).  Output counts and chunk-size invariance are as
+above.  A pair needing more than `MAX_INTERPOLATED_TAPS` taps (a rate ratio above about 490
+with L*M large) raises ValueError.  The framers' rates (8, 16, 24, 48 kHz) and the usual file
+rates (11025, 22050, 32000, 44100, 96000 Hz) all get the exact design.
+
 Memory: each resampler keeps two history buffers of (taps-1 + block) float32 samples (none
 at equal rates); per-call scratch (products, converted and resampled blocks) is shared per
 thread, not owned by each stream.
@@ -50,7 +64,7 @@ from typing import Final, TypeAlias, cast
 
 import numpy as np
 import numpy.typing as npt
-from numpy.lib.stride_tricks import as_strided
+from numpy.lib.stride_tricks import as_strided, sliding_window_view
 
 from streaming.ring import RingBuffer
 
@@ -85,6 +99,14 @@ _INT16_MIN: Final = np.float32(-32768.0)
 _INT16_MAX: Final = np.float32(32767.0)
 _BLOCK: Final = 1024
 """Input samples processed per internal block (bounds every scratch buffer)."""
+MAX_EXACT_HALF: Final = 1 << 20
+"""Largest half-length (at rate_in*L) of an exact design; longer ones are interpolated."""
+INTERPOLATION_PHASES: Final = 256
+"""Rows (+1) of an interpolated design's table: fractional phases, 1/256 input sample apart."""
+MAX_INTERPOLATED_TAPS: Final = 1 << 15
+"""Longest interpolated filter (input samples): bounds its table to about 34 MB."""
+_DESIGN_CHUNK: Final = 1 << 16
+"""Taps computed at a time when designing a filter (bounds the temporaries)."""
 
 
 class SampleFormat(StrEnum):
@@ -158,35 +180,107 @@ def float32_to_int16(src: F32, out: I16) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+def _kaiser_lowpass(
+    rate_in: int, rate_out: int, fs: float, passband: float, attenuation_db: float
+) -> tuple[float, float, float]:
+    """(fc, beta, length) of the Kaiser low-pass of `design_filter` sampled at `fs` Hz: the
+    cutoff as a fraction of fs/2, the window's beta and its minimum length in samples."""
+    if not 0.0 < passband < 1.0 or attenuation_db <= 21.0:
+        raise ValueError("need 0 < passband < 1 and attenuation_db > 21")
+    nyquist = min(rate_in, rate_out) / 2.0
+    f_pass = passband * nyquist
+    cutoff = (f_pass + nyquist) / 2.0
+    width = 2.0 * math.pi * (nyquist - f_pass) / fs  # transition, rad/sample
+    a = attenuation_db
+    beta = 0.1102 * (a - 8.7) if a > 50.0 else 0.5842 * (a - 21.0) ** 0.4 + 0.07886 * (a - 21.0)
+    length = (a - 7.95) / (2.285 * width) + 1.0
+    return 2.0 * cutoff / fs, beta, length
+
+
+def _windowed_sinc(n: F64, half: float, fc: float, beta: float) -> F64:
+    """fc * sinc(fc * n) times a Kaiser window reaching 0 offset at +-`half` (0 beyond): the
+    same arithmetic as `fc * np.sinc(fc * n) * np.kaiser(2 * half + 1, beta)` for integer
+    offsets n = k - half."""
+    inside = np.abs(n) <= half
+    u = 1 - (n / half) ** 2.0
+    np.maximum(u, 0.0, out=u)
+    window = np.i0(beta * np.sqrt(u)) / np.i0(beta)
+    taps: F64 = fc * np.sinc(fc * n) * window
+    taps[~inside] = 0.0
+    return taps
+
+
+def _exact_half(up: int, down: int, length: float) -> int:
+    """Half-length at rate_in*L of `design_filter`: the Kaiser half-length rounded up to a
+    multiple of L*M."""
+    unit = up * down
+    return max(unit, math.ceil((length - 1.0) / 2.0 / unit) * unit)
+
+
+def _ratio(rate_in: int, rate_out: int) -> tuple[int, int]:
+    g = math.gcd(rate_in, rate_out)
+    return rate_out // g, rate_in // g
+
+
 def design_filter(
     rate_in: int, rate_out: int, *, passband: float = 0.85, attenuation_db: float = 80.0
 ) -> tuple[int, int, F64, int]:
-    """Low-pass prototype of a rational resampler: (L, M, taps, half).
+    """Low-pass prototype of an exact rational resampler: (L, M, taps, half).
 
     `taps` (float64, odd length 2*half+1, DC gain L) runs at rate_in*L; its passband edge is
     `passband` times the lower Nyquist frequency, its stopband edge that Nyquist frequency,
     the window a Kaiser one for `attenuation_db`.  `half`, the delay in samples at rate_in*L,
-    is a multiple of L*M.
+    is a multiple of L*M.  ValueError when half would exceed `MAX_EXACT_HALF` (uncommon rate
+    pairs: `Resampler` then uses its interpolated design).
     """
-    if not 0.0 < passband < 1.0 or attenuation_db <= 21.0:
-        raise ValueError("need 0 < passband < 1 and attenuation_db > 21")
-    g = math.gcd(rate_in, rate_out)
-    up, down = rate_out // g, rate_in // g
+    up, down = _ratio(rate_in, rate_out)
     fs_up = rate_in * up
-    nyquist = min(rate_in, rate_out) / 2.0
-    f_pass = passband * nyquist
-    cutoff = (f_pass + nyquist) / 2.0
-    width = 2.0 * math.pi * (nyquist - f_pass) / fs_up  # transition, rad/sample
-    a = attenuation_db
-    beta = 0.1102 * (a - 8.7) if a > 50.0 else 0.5842 * (a - 21.0) ** 0.4 + 0.07886 * (a - 21.0)
-    length = (a - 7.95) / (2.285 * width) + 1.0
-    unit = up * down
-    half = max(unit, math.ceil((length - 1.0) / 2.0 / unit) * unit)
-    n = np.arange(2 * half + 1, dtype=np.float64) - half
-    fc = 2.0 * cutoff / fs_up
-    taps = fc * np.sinc(fc * n) * np.kaiser(2 * half + 1, beta)
+    fc, beta, length = _kaiser_lowpass(rate_in, rate_out, fs_up, passband, attenuation_db)
+    half = _exact_half(up, down, length)
+    if half > MAX_EXACT_HALF:
+        raise ValueError(
+            f"{rate_in} Hz -> {rate_out} Hz: an exact design needs {2 * half + 1} taps "
+            f"(L*M = {up * down}), over the {2 * MAX_EXACT_HALF + 1} allowed"
+        )
+    size = 2 * half + 1
+    taps = np.empty(size, dtype=np.float64)
+    for first in range(0, size, _DESIGN_CHUNK):  # chunked: bounds the temporaries
+        n = np.arange(first, min(first + _DESIGN_CHUNK, size), dtype=np.float64) - half
+        taps[first : first + n.shape[0]] = _windowed_sinc(n, float(half), fc, beta)
     taps *= up / taps.sum()
     return up, down, taps, half
+
+
+def _interpolated_design(
+    rate_in: int, rate_out: int, passband: float, attenuation_db: float
+) -> tuple[int, int, F32, int]:
+    """Table of the interpolated design: (L, M, table, delay in output samples).
+
+    The same Kaiser low-pass as `design_filter`, as a function of the offset in input
+    samples, its half-length rounded up to a whole number D of output samples (not of both
+    rates).  table[q, i] (`INTERPOLATION_PHASES` + 1 rows of `taps` float32) is its value
+    for the input sample taps-1-i samples before the newest one, at fractional phase
+    q / INTERPOLATION_PHASES; outputs between two phases interpolate them linearly.
+    """
+    up, down = _ratio(rate_in, rate_out)
+    fc, beta, length = _kaiser_lowpass(rate_in, rate_out, rate_in, passband, attenuation_db)
+    delay = max(1, math.ceil((length - 1.0) / 2.0 * up / down))
+    taps = 2 * delay * down // up + 1
+    if taps > MAX_INTERPOLATED_TAPS:
+        raise ValueError(
+            f"cannot resample {rate_in} Hz -> {rate_out} Hz: the rate ratio is too large (the "
+            f"anti-aliasing filter would need {taps} taps, at most {MAX_INTERPOLATED_TAPS})"
+        )
+    half = delay * down / up  # in input samples
+    phases = INTERPOLATION_PHASES
+    table = np.empty((phases + 1, taps), dtype=np.float32)
+    back = np.arange(taps - 1, -1, -1, dtype=np.float64) - half
+    rows = max(1, _DESIGN_CHUNK // taps)
+    for q in range(0, phases + 1, rows):  # chunked: bounds the temporaries
+        frac = np.arange(q, min(q + rows, phases + 1), dtype=np.float64)[:, None] / phases
+        table[q : q + frac.shape[0]] = _windowed_sinc(back + frac, half, fc, beta)
+    table *= np.float32(phases / table[:phases].sum(dtype=np.float64))
+    return up, down, table, delay
 
 
 class _Workspace(threading.local):
@@ -212,7 +306,8 @@ _PRODUCTS, _CONVERTED, _RESAMPLED = 0, 1, 2
 _ZEROS: Final = np.zeros(_BLOCK, dtype=np.float32)
 _ZEROS.flags.writeable = False
 _ROWS: Final = 512
-"""Output rows per multiply-accumulate pass (bounds the workspace to 512 x taps floats)."""
+"""Output rows per multiply-accumulate pass (at most 512, and _MAX_PRODUCTS floats)."""
+_MAX_PRODUCTS: Final = 1 << 18
 
 
 class Resampler:
@@ -220,7 +315,9 @@ class Resampler:
 
     State: two history buffers (double-buffered, so the kept tail is never copied onto
     itself), the number of valid samples `_len` and the position of the next output in the
-    upsampled domain `_pos` (relative to the buffer start).  Sizes are in samples.
+    upsampled domain `_pos` (relative to the buffer start).  Sizes are in samples.  `exact`
+    is False for the interpolated design of uncommon rate pairs (module doc); ValueError
+    when a pair needs a longer filter than `MAX_INTERPOLATED_TAPS`.
     """
 
     __slots__ = (
@@ -233,6 +330,7 @@ class Resampler:
         "delay_in_samples",
         "delay_out_samples",
         "down",
+        "exact",
         "rate_in",
         "rate_out",
         "taps",
@@ -253,6 +351,7 @@ class Resampler:
         self.rate_in = rate_in
         self.rate_out = rate_out
         self.block = block
+        self.exact = True
         if rate_in == rate_out:
             self.up = self.down = 1
             self.taps = 1
@@ -260,20 +359,30 @@ class Resampler:
             self.delay_out_samples = 0
             self._phases: F32 = np.ones((1, 1), dtype=np.float32)
         else:
-            up, down, proto, half = design_filter(
-                rate_in, rate_out, passband=passband, attenuation_db=attenuation_db
-            )
+            up, down = _ratio(rate_in, rate_out)
+            fs_up = rate_in * up
+            length = _kaiser_lowpass(rate_in, rate_out, fs_up, passband, attenuation_db)[2]
             self.up, self.down = up, down
-            per_phase = -(-proto.shape[0] // up)
-            padded = np.zeros(per_phase * up, dtype=np.float64)
-            padded[: proto.shape[0]] = proto
-            # phases[p, i] multiplies x[n0 - per_phase + 1 + i] for outputs of phase p
-            self._phases = np.ascontiguousarray(
-                padded.reshape(per_phase, up).T[:, ::-1], dtype=np.float32
-            )
-            self.taps = per_phase
-            self.delay_in_samples = half // up
-            self.delay_out_samples = half // down
+            if _exact_half(up, down, length) <= MAX_EXACT_HALF:
+                _, _, proto, half = design_filter(
+                    rate_in, rate_out, passband=passband, attenuation_db=attenuation_db
+                )
+                per_phase = -(-proto.shape[0] // up)
+                flat = np.zeros(per_phase * up, dtype=np.float32)
+                flat[: proto.shape[0]] = proto
+                # phases[p, i] multiplies x[n0 - per_phase + 1 + i] for outputs of phase p
+                self._phases = np.ascontiguousarray(flat.reshape(per_phase, up).T[:, ::-1])
+                self.taps = per_phase
+                self.delay_in_samples = half // up
+                self.delay_out_samples = half // down
+            else:
+                self.exact = False
+                _, _, self._phases, delay = _interpolated_design(
+                    rate_in, rate_out, passband, attenuation_db
+                )
+                self.taps = self._phases.shape[1]
+                self.delay_out_samples = delay
+                self.delay_in_samples = -(-delay * down // up)
         size = 0 if self.passthrough else self.taps - 1 + block
         self._bufs: tuple[F32, F32] = (
             np.zeros(size, dtype=np.float32),
@@ -292,7 +401,7 @@ class Resampler:
     @property
     def delay_ms(self) -> float:
         """Group delay of the filter, ms."""
-        return 1000.0 * self.delay_in_samples / self.rate_in
+        return 1000.0 * self.delay_out_samples / self.rate_out
 
     @property
     def nbytes(self) -> int:
@@ -334,22 +443,40 @@ class Resampler:
         length = self._len + n
         last = up * length - 1  # outputs whose newest input is in the buffer: pos <= last
         count = (last - self._pos) // down + 1 if last >= self._pos else 0
-        item = buf.itemsize
-        for r in range(min(up, count)):
-            pos = self._pos + r * down
-            phase, newest = pos % up, pos // up
-            coeffs = self._phases[phase]
-            rows = (count - r + up - 1) // up
-            for first in range(0, rows, _ROWS):
-                chunk = min(_ROWS, rows - first)
-                start = newest - taps + 1 + first * down
-                windows = as_strided(
-                    buf[start:], shape=(chunk, taps), strides=(down * item, item), writeable=False
-                )
-                products = _WORKSPACE.get(_PRODUCTS, chunk * taps).reshape(chunk, taps)
-                np.multiply(windows, coeffs, out=products)
-                o = r + first * up
-                np.sum(products, axis=1, out=out[o : o + up * (chunk - 1) + 1 : up])
+        most = max(1, min(_ROWS, _MAX_PRODUCTS // taps))
+        if self.exact:
+            item = buf.itemsize
+            for r in range(min(up, count)):
+                pos = self._pos + r * down
+                phase, newest = pos % up, pos // up
+                coeffs = self._phases[phase]
+                rows = (count - r + up - 1) // up
+                for first in range(0, rows, most):
+                    chunk = min(most, rows - first)
+                    start = newest - taps + 1 + first * down
+                    windows = as_strided(
+                        buf[start:],
+                        shape=(chunk, taps),
+                        strides=(down * item, item),
+                        writeable=False,
+                    )
+                    products = _WORKSPACE.get(_PRODUCTS, chunk * taps).reshape(chunk, taps)
+                    np.multiply(windows, coeffs, out=products)
+                    o = r + first * up
+                    np.sum(products, axis=1, out=out[o : o + up * (chunk - 1) + 1 : up])
+        elif count:
+            windows_at = sliding_window_view(buf[:length], taps)
+            table, phases = self._phases, self._phases.shape[0] - 1
+            for first in range(0, count, most):
+                k = np.arange(first, min(first + most, count), dtype=np.int64)
+                at = self._pos + k * down  # output positions at rate_in*L
+                frac = (at % up) * phases  # their phases, in 1/(L * phases) input samples
+                q = frac // up
+                w = ((frac - q * up) / up).astype(np.float32)[:, None]
+                coeffs = table[q]  # interpolated between the phases q and q + 1
+                coeffs += (table[q + 1] - coeffs) * w
+                coeffs *= windows_at[at // up - (taps - 1)]
+                np.sum(coeffs, axis=1, out=out[first : first + k.shape[0]])
         self._pos += count * down
         keep_from = min(max(self._pos // up - taps + 1, 0), length)
         kept = length - keep_from

@@ -13,6 +13,7 @@ from streaming.framing import (
     OutputFramer,
     Resampler,
     SampleFormat,
+    design_filter,
     float32_to_int16,
     pcm_samples,
 )
@@ -117,6 +118,69 @@ def test_resampler_reset_restarts_from_silence() -> None:
     run(r, speechlike(48000, 0.1, seed=5))
     r.reset()
     np.testing.assert_array_equal(run(r, x), first)
+
+
+# ---- uncommon rates (the interpolated design) ------------------------------------------------
+
+ODD_PAIRS = [(22254, 16000), (16000, 22254), (11127, 16000), (16000, 11127), (22051, 16000)]
+COMMON_RATES = (8000, 11025, 16000, 22050, 24000, 32000, 44100, 48000, 96000)
+
+
+@pytest.mark.parametrize(("rate_in", "rate_out"), ODD_PAIRS)
+def test_odd_rates_use_a_small_filter_and_stream_like_offline(rate_in: int, rate_out: int) -> None:
+    """L*M is 89 million for 22254 -> 16000: the exact design would take gigabytes."""
+    r = Resampler(rate_in, rate_out)
+    assert not r.exact and r.up * r.down > 10**7
+    assert r.nbytes < 1_000_000 and r.taps < 120
+    x = speechlike(rate_in, 0.3)
+    whole = run(r, x)
+    chunked = run(Resampler(rate_in, rate_out), x, ODD_CHUNKS)
+    one_by_one = run(Resampler(rate_in, rate_out), x[:400], [1])
+    np.testing.assert_array_equal(chunked, whole)
+    np.testing.assert_array_equal(one_by_one, whole[: len(one_by_one)])
+    # output k comes with input floor(k * M / L), as at the common rates
+    assert len(whole) == (len(x) * r.up - 1) // r.down + 1
+    r.reset()
+    np.testing.assert_array_equal(run(r, x, [333]), whole)
+
+
+@pytest.mark.parametrize(("rate_in", "rate_out"), ODD_PAIRS)
+def test_odd_rates_pass_a_tone_with_whole_output_sample_delay(rate_in: int, rate_out: int) -> None:
+    r = Resampler(rate_in, rate_out)
+    assert 0 < r.delay_ms <= 5.0
+    assert r.delay_ms == 1000 * r.delay_out_samples / rate_out
+    # delay_in_samples: the input that flushes the delay (rounded up to a whole sample)
+    assert 0 <= r.delay_in_samples * rate_out - r.delay_out_samples * rate_in < rate_out
+    y = run(r, tone(rate_in, 1000.0, 0.3))
+    ideal = tone(rate_out, 1000.0, 0.3 + 0.01)
+    ideal = np.concatenate([np.zeros(r.delay_out_samples, np.float32), ideal])[: len(y)]
+    settled = slice(rate_out // 50, None)
+    np.testing.assert_allclose(y[settled], ideal[settled], atol=1e-4)
+
+
+def test_odd_rate_decimation_rejects_what_would_alias() -> None:
+    x = tone(22254, 9500.0, 0.3)  # above the 8 kHz Nyquist of 16 kHz
+    y = run(Resampler(22254, 16000), x)[500:]
+    assert np.max(np.abs(y)) < 0.5 * 10 ** (-70 / 20)
+
+
+def test_common_rates_keep_the_exact_design() -> None:
+    """The framers' and the usual file rates, to and from the model rate: the exact design,
+    its delay a whole number of samples at both rates."""
+    for rate_in, rate_out in itertools.chain.from_iterable(
+        ((rate, 16000), (16000, rate)) for rate in COMMON_RATES if rate != 16000
+    ):
+        r = Resampler(rate_in, rate_out)
+        assert r.exact and r.delay_in_samples * rate_out == r.delay_out_samples * rate_in
+
+
+def test_resampler_memory_is_bounded_or_the_pair_is_rejected() -> None:
+    with pytest.raises(ValueError, match=r"L\*M = 89016000"):
+        design_filter(22254, 16000)  # the exact design alone: 178 million taps
+    r = Resampler(16000, 767999)  # up = 767999 phases: the table does not grow with it
+    assert not r.exact and r.nbytes < 1_000_000
+    with pytest.raises(ValueError, match="cannot resample 7800001 Hz -> 16000 Hz: the rate ratio"):
+        Resampler(7800001, 16000)
 
 
 # ---- PCM conversion -------------------------------------------------------------------------

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import sys
+import threading
+import time
+from collections.abc import Iterator
+
 import numpy as np
 import pytest
 
@@ -9,7 +14,7 @@ from client.engine import CaptureSide, PlayoutSide
 from client.profiler.analysis import reference_decode
 from client.virtual import VirtualAudio
 from streaming.model import BitrateMode, CodecModel
-from streaming.protocol import TokenPacket, encode_packet
+from streaming.protocol import TokenFrame, TokenPacket, encode_packet
 
 
 class Link:
@@ -116,3 +121,97 @@ def test_capture_side_can_hold_its_stream_to_the_mode_rate(model: CodecModel) ->
     plain = CaptureSide(model, audio, [].append, mode=mode)
     assert capped.encoder.rate_cap and not plain.encoder.rate_cap
     assert capped.encoder.bitrate_kbps == pytest.approx(mode.kbps)
+
+
+# ---- PlayoutSide.stats() from another thread (the status line) ----------------------------
+
+
+def sender_packet(model: CodecModel, stream_id: int) -> bytes:
+    card = model.card
+    packet = TokenPacket(stream_id, 0, 0, TokenFrame(1, 30, (5,)))
+    return encode_packet(packet, code_bits=card.code_bits, gain_bits=card.gain.bits)
+
+
+@pytest.mark.parametrize("change", ["join", "leave"])
+def test_stats_is_safe_while_the_playout_thread_changes_the_senders(
+    model: CodecModel, change: str
+) -> None:
+    """A sender joins (its first packet) or leaves on the playout thread exactly while the
+    status line's `stats()` walks the senders: the walk must not break, the change happens
+    once it is done, and the totals count every sender."""
+    port = VirtualAudio(16000, np.zeros(0, np.float32), block=320)
+    side = PlayoutSide(model, port, target_ms=0.0)  # no ticks: only the sender bookkeeping
+    for stream_id in (1, 2):
+        side.receive(sender_packet(model, stream_id), 0.0)
+    side.fill()
+    assert list(side.senders) == [1, 2]
+
+    def playout_thread() -> None:
+        if change == "join":
+            side.receive(sender_packet(model, 3), 0.0)
+        else:
+            side.forget(2)
+        side.fill()
+
+    first = side.senders[1].jitter
+    first_stats = first.stats
+    worker = threading.Thread(target=playout_thread)
+
+    def stats_meanwhile() -> object:  # runs inside stats()'s walk, at sender 1
+        if worker.ident is None:  # the first call
+            worker.start()
+            worker.join(timeout=0.3)  # blocked until the walk ends (or done, if unguarded)
+        return first_stats()
+
+    first.stats = stats_meanwhile  # type: ignore[method-assign]
+    totals = side.stats()
+    worker.join(timeout=10)
+    assert not worker.is_alive()
+    assert totals.senders == 2 and set(totals.per_sender) == {1, 2}
+    after = side.stats()
+    if change == "join":
+        assert set(after.per_sender) == {1, 2, 3} and after.senders == after.received == 3
+    else:  # the leaver's counters stay in the totals
+        assert set(after.per_sender) == {1} and after.senders == after.received == 2
+
+
+@pytest.fixture
+def fast_thread_switching() -> Iterator[None]:
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)
+    yield
+    sys.setswitchinterval(interval)
+
+
+def test_stats_survives_senders_coming_and_going_on_another_thread(
+    model: CodecModel, fast_thread_switching: None
+) -> None:
+    """The audit's stress case, bounded: 30 rounds of 20 senders joining then leaving on a
+    playout thread while this thread reads `stats()` as fast as it can."""
+    port = VirtualAudio(16000, np.zeros(0, np.float32), block=320)
+    side = PlayoutSide(model, port, target_ms=0.0)
+    packets = [sender_packet(model, stream_id) for stream_id in range(1, 21)]
+    errors: list[BaseException] = []
+
+    def playout_thread() -> None:
+        try:
+            for _ in range(30):
+                for data in packets:
+                    side.receive(data, time.perf_counter())
+                side.fill()
+                for stream_id in range(1, 21):
+                    side.forget(stream_id)
+                side.fill()
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    worker = threading.Thread(target=playout_thread)
+    worker.start()
+    reads = 0
+    while worker.is_alive():
+        side.stats()
+        reads += 1
+    worker.join()
+    assert not errors and reads > 0
+    totals = side.stats()
+    assert totals.senders == totals.received == 30 * 20 and not side.senders

@@ -247,6 +247,8 @@ def test_explicit_low_band_layout_option(tmp_path: Path, wav16: Path) -> None:
         (["--lowband-layout", "1"], "--lowband-layout needs --codebooks"),
         (["--codebooks", "2", "--lowband-layout", "5"], "--lowband-layout must be one of 0, 1, 2"),
         (["--kbps", "0.5"], "--kbps: 0.5 kbps is below the lowest bitrate"),
+        (["--kbps", "inf"], "--kbps must be a finite number"),
+        (["--codebooks", "13"], "--codebooks must be in 1..12"),
     ],
 )
 def test_bad_bitrate_options_are_clear_errors(
@@ -256,9 +258,11 @@ def test_bad_bitrate_options_are_clear_errors(
     options: list[str],
     message: str,
 ) -> None:
-    assert run("encode", wav16, tmp_path / "x.csb", *options, "-q") == 1
+    """A bad command line: exit code 2, one line, no file written."""
+    assert run("encode", wav16, tmp_path / "x.csb", *options, "-q") == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "x.csb").exists()
 
 
 def test_rate_cap_option_holds_the_payload_to_the_mode_rate(

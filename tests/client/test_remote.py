@@ -70,7 +70,8 @@ def test_stream_prints_json_lines_and_saves_a_bitstream(
     assert run(*args, "--save", saved) == 0
     out, err = capsys.readouterr()
     lines = [json.loads(line) for line in out.splitlines()]
-    frames = -(-sf.info(wav).frames // 320)
+    # --save .csb sends what `encode` sends: padded by D = 80 samples to whole frames
+    frames = -(-(sf.info(wav).frames + model.card.output_delay_samples) // 320)
     assert len(lines) == frames
     assert [p["seq"] for p in lines] == list(range(frames))
     n = mode.num_codebooks
@@ -83,6 +84,20 @@ def test_stream_prints_json_lines_and_saves_a_bitstream(
     packets = [packet_from_json(p, code_bits=10, gain_bits=6, max_codebooks=12) for p in lines]
     assert saved_frames == [p.frame for p in packets]
     assert source is not None and source.samples == sf.info(wav).frames
+    encoded = tmp_path / "encoded.csb"
+    assert run("encode", wav, encoded, "--kbps", kbps, "-q") == 0
+    assert saved.read_bytes() == encoded.read_bytes()
+
+
+def test_stream_without_csb_sends_the_file_as_is(
+    tmp_path: Path, wav: Path, server: ServerThread, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Printing or saving JSON lines streams the file as is (as a live source), without the
+    padding a .csb file gets: one packet per started frame of the file."""
+    saved = tmp_path / "tokens.jsonl"
+    assert run("stream", wav, "--server", server.url, "--fast", "-q", "--save", saved) == 0
+    assert len(saved.read_text().splitlines()) == -(-sf.info(wav).frames // 320)
+    assert capsys.readouterr().out == ""
 
 
 def test_real_time_stream_has_low_token_latency(
@@ -141,3 +156,73 @@ def test_rate_capped_server_encoding_equals_local(
     assert remote.read_bytes() == local.read_bytes() != plain.read_bytes()
     http = ("--server", server.url, "--transport", "http")
     assert run("encode", loud, remote, "--kbps", "3", "--rate-cap", "-q", *http) == 1
+
+
+@pytest.fixture(scope="module")
+def renamed_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The bundled model under another model id (card.json and the graphs' metadata)."""
+    import onnx
+
+    from streaming.model import CARD_METADATA_KEY, default_model_dir
+
+    out = tmp_path_factory.mktemp("renamed")
+    card = json.loads((default_model_dir() / "card.json").read_text())
+    card["model_id"] = "cs-renamed-for-test"
+    text = json.dumps(card)
+    (out / "card.json").write_text(text)
+    for name in ("encoder.onnx", "decoder.onnx"):
+        graph = onnx.load(str(default_model_dir() / name))
+        for prop in graph.metadata_props:
+            if prop.key == CARD_METADATA_KEY:
+                prop.value = text
+        onnx.save(graph, str(out / name))
+    return out
+
+
+@pytest.mark.parametrize("transport", ["ws", "http"])
+def test_server_encoding_records_the_servers_model(
+    tmp_path: Path, wav: Path, server: ServerThread, model: CodecModel, renamed_model: Path,
+    transport: str,
+) -> None:
+    """A file encoded through a server names the server's model, whatever the local one
+    (before: the HTTP transport wrote the local model's id)."""
+    out = tmp_path / "x.csb"
+    assert run("encode", wav, out, "-q", "--model", renamed_model, "--server", server.url,
+               "--transport", transport) == 0
+    header, _ = read_bitstream(out.read_bytes())
+    assert header.model_id == model.card.model_id != "cs-renamed-for-test"
+
+
+
+BAD_URLS = [
+    "http://127.0.0.1:99999",
+    "http://[::1",
+    "ws://host:port",
+    "http://:8000",
+    "ftp://127.0.0.1:8000",
+    "http://127.0.0.1:0",
+    "http://local host:8000",
+]
+
+
+@pytest.mark.parametrize("url", BAD_URLS)
+@pytest.mark.parametrize("command", ["encode", "encode-http", "decode", "stream", "profile"])
+def test_malformed_server_url_is_a_usage_error(
+    tmp_path: Path, wav: Path, capsys: pytest.CaptureFixture[str], command: str, url: str
+) -> None:
+    """One line naming the URL and exit code 2, never a traceback (the `call` command goes
+    through the same `Session.open`)."""
+    argv: dict[str, tuple[str | Path, ...]] = {
+        "encode": ("encode", wav, tmp_path / "x.csb"),
+        "encode-http": ("encode", wav, tmp_path / "x.csb", "--transport", "http"),
+        "decode": ("decode", tmp_path / "in.csb", tmp_path / "x.wav"),
+        "stream": ("stream", wav, "--save", tmp_path / "x.csb"),
+        "profile": ("profile", "--clients", "2", "--seconds", "1", "--out", tmp_path / "p"),
+    }
+    if command == "decode":
+        assert run("encode", wav, tmp_path / "in.csb", "-q") == 0
+    assert run(*argv[command], "--server", url, "-q") == 2
+    err = capsys.readouterr().err.strip()
+    name = argv[command][0]
+    assert err.startswith(f"codec-client {name}: error: --server {url!r}: "), err
+    assert len(err.splitlines()) == 1
