@@ -88,6 +88,14 @@ class LockedRing:
             self.total_out += n
         return n
 
+    def discard(self, n: int) -> int:
+        """Drop up to `n` of the oldest samples (counted as consumed, not as overflow);
+        return how many."""
+        with self._lock:
+            dropped = self.ring.discard(n)
+            self.total_out += dropped
+        return dropped
+
     def clear(self) -> None:
         """Drop everything buffered (not counted as overflow)."""
         with self._lock:

@@ -160,7 +160,6 @@ class CallClient:
         frame = max(1, round(audio.rate * self.card.frame_ms / 1000.0))
         self._pcm_catchup = self._prime + PCM_CATCHUP_MARGIN_FRAMES * frame
         """receive="pcm": queued samples above which a new chunk triggers a catch-up."""
-        self._discard: F32 = np.zeros(5 * frame, dtype=np.float32)
         self._workers: list[_Worker] = []
         self.muted = False
         self.stats = CallStats()
@@ -298,21 +297,9 @@ class CallClient:
         if queued == 0:
             self.audio.playback.write_zeros(self._prime)
         elif queued > self._pcm_catchup:
-            self._pcm_dropped += self._drop_oldest(queued - self._prime)
+            self._pcm_dropped += self.audio.playback.discard(queued - self._prime)
         self.audio.write_playback(pcm)
         self._pcm_received += pcm.shape[0]
-
-    def _drop_oldest(self, n: int) -> int:
-        """Discard up to `n` of the oldest queued playback samples; return how many.  (The
-        speaker callback may consume some meanwhile: the ring's lock keeps both consistent.)"""
-        dropped = 0
-        scratch = self._discard
-        while dropped < n:
-            got = self.audio.playback.read_into(scratch[: min(n - dropped, scratch.shape[0])])
-            if got == 0:
-                break
-            dropped += got
-        return dropped
 
     # ---- network side ---------------------------------------------------------------------
 
@@ -330,7 +317,7 @@ class CallClient:
             try:
                 await session.send_bytes(item)
             except ClientError:
-                if _normal_close(session) is None:
+                if session.normal_close is None:
                     raise
                 return  # the server closed the session normally: the receiver reports it
 
@@ -384,7 +371,7 @@ class CallClient:
         session = self.session
         if session is None:
             return
-        frame = _normal_close(session)
+        frame = session.normal_close
         if frame is not None:
             code, reason = frame
         else:
@@ -414,11 +401,3 @@ class CallClient:
             worker.join(timeout=1.0)
         await asyncio.gather(sender, receiver, status, return_exceptions=True)
 
-
-def _normal_close(session: Session) -> tuple[int, str] | None:
-    """(code, reason) of the close frame the server sent when it is a normal one (1000 or
-    1001: what `Session.recv` turns into the end of the messages), else None."""
-    frame = session.ws.protocol.close_rcvd
-    if frame is None or frame.code not in (1000, 1001):
-        return None
-    return int(frame.code), str(frame.reason)

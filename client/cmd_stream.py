@@ -156,7 +156,6 @@ def run_stream(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-
 async def _stream(
     args: argparse.Namespace, audio: Audio, mode: BitrateMode, model: CodecModel
 ) -> _Result:

@@ -192,6 +192,16 @@ class Session:
             if isinstance(message, str):
                 return _parse(message, self.url)
 
+    @property
+    def normal_close(self) -> tuple[int, str] | None:
+        """(code, reason) of the server's close frame when it is a normal close (1000, or
+        1001 "going away": what `recv` turns into the end of the messages), else None (not
+        closed, or another code)."""
+        frame = self.ws.protocol.close_rcvd
+        if frame is None or frame.code not in (1000, 1001):
+            return None
+        return int(frame.code), str(frame.reason)
+
     async def send_bytes(self, data: bytes) -> None:
         """Send one binary message; ClientError if the server closed the session."""
         try:
@@ -218,8 +228,7 @@ class Session:
                 f"{self.url}: the server sent nothing for {timeout:g} s; giving up"
             ) from None
         except ConnectionClosed as exc:
-            frame = exc.rcvd
-            if frame is not None and frame.code in (1000, 1001):
+            if self.normal_close is not None:
                 return None
             raise closed_error(exc, self.url) from None
         if isinstance(message, str):

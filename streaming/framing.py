@@ -45,9 +45,11 @@ does not depend on L or M: 257 x taps float32, taps = about 67 input samples x
 max(1, rate_in / rate_out) with the defaults (22254 -> 16000: 95 taps, 0.1 MB).  Its delay
 is a whole number of output samples only: `delay_out_samples` is exact, `delay_in_samples`
 rounded up (the input that flushes it).  Output counts and chunk-size invariance are as
-above.  A pair needing more than `MAX_INTERPOLATED_TAPS` taps (a rate ratio above about 490
-with L*M large) raises ValueError.  The framers' rates (8, 16, 24, 48 kHz) and the usual file
-rates (11025, 22050, 32000, 44100, 96000 Hz) all get the exact design.
+above, but it allocates its coefficient temporaries on every call (it serves files at
+uncommon rates, never a server stream).  A pair needing more than `MAX_INTERPOLATED_TAPS`
+taps (a rate ratio above about 490 with L*M large) raises ValueError.  The framers' rates
+(8, 16, 24, 48 kHz) and the usual file rates (11025, 22050, 32000, 44100, 96000 Hz) all get
+the exact design.
 
 Memory: each resampler keeps two history buffers of (taps-1 + block) float32 samples (none
 at equal rates); per-call scratch (products, converted and resampled blocks) is shared per
