@@ -13,7 +13,9 @@ mapping the latency figures need:
 
 Both FIFOs are preallocated `streaming.ring.RingBuffer`s.  A `LockedRing` guards one with a
 lock held only for the copy itself (a few microseconds), so the callback side never waits
-behind computation: encoding, decoding and network I/O happen in other threads/tasks.
+behind computation: encoding, decoding and network I/O happen in other threads/tasks.  A
+speaker fed with PCM received from a server (`codec-client call --receive pcm`, the
+profiler's roundtrip clients) is held near its playout target by `PcmHold`.
 Times are seconds on `time.perf_counter` (CLOCK_MONOTONIC on Linux); sizes are samples at
 the device rate.
 """
@@ -29,10 +31,21 @@ import numpy.typing as npt
 
 from streaming.ring import RingBuffer
 
-__all__ = ["AudioCounters", "AudioPort", "LockedRing", "TimeMark"]
+__all__ = [
+    "PCM_CATCHUP_MARGIN_FRAMES",
+    "AudioCounters",
+    "AudioPort",
+    "LockedRing",
+    "PcmHold",
+    "TimeMark",
+]
 
 F32: TypeAlias = npt.NDArray[np.float32]
 F64: TypeAlias = npt.NDArray[np.float64]
+
+PCM_CATCHUP_MARGIN_FRAMES = 2
+"""Received PCM: frames queued beyond the playout target before the oldest are dropped (as
+`JitterConfig.catchup_margin_frames` for tokens)."""
 
 
 class LockedRing:
@@ -101,6 +114,42 @@ class LockedRing:
         with self._lock:
             self.total_out += self.ring.available
             self.ring.clear()
+
+
+@dataclass(frozen=True)
+class PcmHold:
+    """How a speaker buffer fed with PCM received from a server (the server's mix, or its
+    decode of what we sent) is held near the playout target; sizes in samples at the device
+    rate.
+
+    Before each received chunk is queued (`settle`): an empty buffer (the start, or an
+    underrun) is primed with `prime` samples of silence; a buffer holding more than
+    `catchup` samples (the burst after a network stall, or a server clock faster than the
+    speaker's) has its oldest audio dropped down to `prime`, so a stall never adds lasting
+    delay.
+    """
+
+    prime: int
+    catchup: int
+
+    @classmethod
+    def for_playout(cls, playout_ms: float, rate: int, frame_ms: float) -> PcmHold:
+        """The hold of a `playout_ms` target at `rate` Hz with `frame_ms` frames: `prime` =
+        the target (at least one sample), `catchup` = the target +
+        PCM_CATCHUP_MARGIN_FRAMES frames."""
+        prime = max(1, int(playout_ms * rate / 1000.0))
+        frame = max(1, round(rate * frame_ms / 1000.0))
+        return cls(prime, prime + PCM_CATCHUP_MARGIN_FRAMES * frame)
+
+    def settle(self, ring: LockedRing) -> int:
+        """Prime or catch up `ring` before a received chunk is written to it (see the class
+        doc); return the samples dropped (0 unless it caught up)."""
+        queued = ring.available
+        if queued == 0:
+            ring.write_zeros(self.prime)
+        elif queued > self.catchup:
+            return ring.discard(queued - self.prime)
+        return 0
 
 
 class TimeMark:

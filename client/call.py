@@ -10,10 +10,10 @@
 * `receive="tokens"`: other participants' packets go to one jitter buffer + decoder per
   sender (client.engine.PlayoutSide), mixed and played; `receive="pcm"`: the server mixes
   and the client only buffers and plays the PCM it gets, holding the speaker buffer near
-  `playout_ms`: an empty buffer is primed with `playout_ms` of silence, and when more than
-  `playout_ms` + 2 frames are queued as a new chunk arrives (a burst after a network stall,
-  or a server clock faster than the speaker's) the oldest queued audio is dropped down to
-  `playout_ms` (counted in `CallStats.pcm_dropped_s`).
+  `playout_ms` (`client.audio.PcmHold`): an empty buffer is primed with `playout_ms` of
+  silence, and when more than `playout_ms` + 2 frames are queued as a new chunk arrives (a
+  burst after a network stall, or a server clock faster than the speaker's) the oldest queued
+  audio is dropped down to `playout_ms` (counted in `CallStats.pcm_dropped_s`).
 
 The audio callbacks only copy to/from the rings (client.devices); the capture and playout
 threads do the codec work; the asyncio loop does the network and the status line.  Muting
@@ -36,7 +36,7 @@ from typing import Any, TypeAlias
 import numpy as np
 import numpy.typing as npt
 
-from client.audio import AudioCounters
+from client.audio import AudioCounters, PcmHold
 from client.devices import DeviceAudio
 from client.engine import CaptureSide, PlayoutSide, PlayoutTotals
 from client.errors import ClientError
@@ -49,10 +49,6 @@ from streaming.protocol import PacketTimes, TokenPacket, encode_packet
 __all__ = ["CallClient", "CallOptions", "CallStats"]
 
 F32: TypeAlias = npt.NDArray[np.float32]
-
-PCM_CATCHUP_MARGIN_FRAMES = 2
-"""receive="pcm": frames queued beyond `playout_ms` before the oldest are dropped (as
-`JitterConfig.catchup_margin_frames` for tokens)."""
 
 
 @dataclass(frozen=True)
@@ -156,10 +152,8 @@ class CallClient:
         self._pcm_sent = 0
         self._pcm_received = 0
         self._pcm_dropped = 0
-        self._prime = max(1, int(options.playout_ms * audio.rate / 1000.0))
-        frame = max(1, round(audio.rate * self.card.frame_ms / 1000.0))
-        self._pcm_catchup = self._prime + PCM_CATCHUP_MARGIN_FRAMES * frame
-        """receive="pcm": queued samples above which a new chunk triggers a catch-up."""
+        self._pcm_hold = PcmHold.for_playout(options.playout_ms, audio.rate, self.card.frame_ms)
+        """receive="pcm": how the speaker buffer is held near `playout_ms`."""
         self._workers: list[_Worker] = []
         self.muted = False
         self.stats = CallStats()
@@ -197,7 +191,10 @@ class CallClient:
     ) -> CallStats:
         """Join, run until hang-up or the server ends the session, leave; final stats.
 
-        `on_joined` is called once audio runs, `on_status` four times a second."""
+        `on_joined` is called once audio runs, `on_status` four times a second.  When audio
+        fails to start after the join (or `on_joined` raises), the call is left as on a
+        hang-up (threads stopped, `end` sent, session closed, audio closed) and the error
+        raised."""
         self._loop = asyncio.get_running_loop()
         if self._hangup:
             self.hangup_requested.set()
@@ -209,9 +206,13 @@ class CallClient:
         self.stats.participant_id = ready.stream_id
         for peer in ready.get("participants", []):
             self.peers[int(peer["participant_id"])] = str(peer.get("name", ""))
-        self._start_audio(ready.stream_id)
-        if on_joined is not None:
-            on_joined(self)
+        try:
+            self._start_audio(ready.stream_id)
+            if on_joined is not None:
+                on_joined(self)
+        except BaseException:
+            await self._leave()
+            raise
         sender = asyncio.create_task(self._send_loop())
         receiver = asyncio.create_task(self._recv_loop())
         status = asyncio.create_task(self._status_loop(on_status))
@@ -293,11 +294,7 @@ class CallClient:
         """PCM from the server (receive="pcm"): re-prime after an underrun, catch up after a
         burst (see the module doc), then queue."""
         pcm = np.frombuffer(data, dtype="<f4")
-        queued = self.audio.playback_queued
-        if queued == 0:
-            self.audio.playback.write_zeros(self._prime)
-        elif queued > self._pcm_catchup:
-            self._pcm_dropped += self.audio.playback.discard(queued - self._prime)
+        self._pcm_dropped += self._pcm_hold.settle(self.audio.playback)
         self.audio.write_playback(pcm)
         self._pcm_received += pcm.shape[0]
 
@@ -379,25 +376,32 @@ class CallClient:
         self.stats.closed_by_server = {"code": int(code), "reason": reason}
 
     async def _leave(
-        self, sender: asyncio.Task[None], receiver: asyncio.Task[None], status: asyncio.Task[None]
+        self,
+        sender: asyncio.Task[None] | None = None,
+        receiver: asyncio.Task[None] | None = None,
+        status: asyncio.Task[None] | None = None,
     ) -> None:
-        """Send `end`, let the receiver run until the server's close (at most 2 s), then
-        stop audio and threads."""
+        """Send `end`, let the receiver (if it runs yet) run until the server's close (at
+        most 2 s), close the session, then stop audio and threads."""
         session = self.session
         self.stop.set()
-        sender.cancel()
-        status.cancel()
+        tasks = [task for task in (sender, receiver, status) if task is not None]
+        for task in (sender, status):
+            if task is not None:
+                task.cancel()
         if session is not None:
             try:
                 await session.send_json({"type": "end"})
-                await asyncio.wait_for(receiver, timeout=2.0)
+                if receiver is not None:
+                    await asyncio.wait_for(receiver, timeout=2.0)
             except (ClientError, TimeoutError, asyncio.CancelledError):
                 pass
             finally:
-                receiver.cancel()
+                if receiver is not None:
+                    receiver.cancel()
                 await session.close()
         self.audio.close()
         for worker in self._workers:
             worker.join(timeout=1.0)
-        await asyncio.gather(sender, receiver, status, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
 

@@ -7,7 +7,8 @@ event; they never block on computation and never allocate buffers.  Device-level
 (PortAudio's input overflow / output underflow flags) and ring over/underruns are counted.
 
 Every failure to find or open a device becomes a `ClientError` with exit code 2 and one line
-naming what was looked for.
+naming what was looked for; a device name that matches several devices lists them (index,
+name, host API) and says how to pick one.
 """
 
 from __future__ import annotations
@@ -24,7 +25,13 @@ from client.audio import AudioCounters, LockedRing, TimeMark
 from client.errors import EXIT_USAGE, ClientError
 from streaming.framing import SUPPORTED_RATES
 
-__all__ = ["DeviceAudio", "describe_devices", "load_sounddevice", "resolve_device"]
+__all__ = [
+    "DeviceAudio",
+    "describe_devices",
+    "load_sounddevice",
+    "matching_devices",
+    "resolve_device",
+]
 
 F32: TypeAlias = npt.NDArray[np.float32]
 DeviceSpec: TypeAlias = int | str | None
@@ -71,12 +78,70 @@ def describe_devices(sd: ModuleType) -> str:
     return str(devices)
 
 
+def matching_devices(sd: ModuleType, query: str, kind: str) -> list[tuple[int, str, str]]:
+    """(index, name, host API) of the `kind` ('input' or 'output') devices `query` names,
+    by sounddevice's rule: its words appear, in order and ignoring case, in "name, host API";
+    of several matches, the one device whose name (or "name, host API") is exactly `query`
+    wins.  PortAudioError when the devices cannot be listed."""
+    channels = f"max_{kind}_channels"
+    words = query.lower().split()
+    matches: list[tuple[int, str, str]] = []
+    exact: list[tuple[int, str, str]] = []
+    for index, info in enumerate(sd.query_devices()):
+        if info[channels] < 1:
+            continue
+        name, api = str(info["name"]), str(sd.query_hostapis(info["hostapi"])["name"])
+        full = f"{name}, {api}".lower()
+        if _words_in_order(words, full):
+            matches.append((index, name, api))
+            if query.lower() in (name.lower(), full):
+                exact.append((index, name, api))
+    return exact if len(matches) > 1 and len(exact) == 1 else matches
+
+
+def _words_in_order(words: list[str], text: str) -> bool:
+    """True when every one of `words` occurs in `text`, each after the previous one."""
+    pos = 0
+    for word in words:
+        pos = text.find(word, pos)
+        if pos < 0:
+            return False
+        pos += len(word)
+    return True
+
+
+def _ambiguous(spec: str, kind: str, matches: list[tuple[int, str, str]]) -> ClientError:
+    """The usage error (exit 2) of a device name that matches several devices."""
+    listed = ", ".join(f"[{index}] {name!r} ({api})" for index, name, api in matches)
+    first = matches[0][0]
+    return ClientError(
+        f"{kind} device {spec!r} is ambiguous: it matches {len(matches)} {kind} devices: "
+        f"{listed}; pick one by its index (e.g. --{kind}-device {first}) or by more of its name",
+        exit_code=EXIT_USAGE,
+    )
+
+
+def _by_name(sd: ModuleType, spec: str, kind: str) -> int | None:
+    """The index of the one `kind` device `spec` names; None when none does; ClientError
+    (exit 2) when several do."""
+    matches = matching_devices(sd, spec, kind)
+    if len(matches) > 1:
+        raise _ambiguous(spec, kind, matches)
+    return matches[0][0] if matches else None
+
+
 def resolve_device(sd: ModuleType, spec: str | None, kind: str) -> tuple[int, str]:
     """(index, name) of the `kind` ('input' or 'output') device `spec` (index, name
-    substring, or None for the default); ClientError (exit 2) naming what was looked for."""
+    substring, or None for the default); ClientError (exit 2) naming what was looked for,
+    or listing the devices a name matches when it matches several (`matching_devices`)."""
     wanted = _parse_spec(spec)
     what = f"{kind} device {spec!r}" if wanted is not None else f"a default {kind} device"
     try:
+        if isinstance(wanted, str):
+            index = _by_name(sd, wanted, kind)
+            if index is None:
+                raise ValueError(f"no {kind} device matches {wanted!r}")
+            wanted = index
         info: Any = sd.query_devices(wanted, kind)
     except (sd.PortAudioError, ValueError) as exc:
         raise ClientError(

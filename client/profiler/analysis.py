@@ -13,7 +13,9 @@
   audio with other harmonic phases than an offline decode); the lag gives the delay of real
   audio samples from capture to playout, compared with the timestamp e2e of the frame played
   at the window start (`residual_ms`), and each window's spectral similarity to the decode;
-* `frames`: sent, played, late (after their playout tick), lost, concealed, ...;
+* `frames`: sent, played, late (after their playout tick), lost, concealed, dropped (by a
+  catch-up: the jitter buffer's, or in roundtrip mode the speaker buffer's, whose dropped
+  received PCM is `pcm_dropped_samples`), ...;
 * `rtf`: encoder and decoder compute per frame / frame duration; the server stage likewise;
 * `scheduler`: how late the simulated device ticks ran (an overloaded machine shows here).
 """
@@ -221,6 +223,7 @@ def _signal_check(
 def _room_frames(clients: Sequence[SimClient]) -> dict[str, int]:
     totals = {"sent": 0, "received": 0, "played": 0, "late": 0, "lost": 0, "concealed": 0}
     totals |= {"comfort_noise": 0, "dropped": 0, "playback_underrun_samples": 0}
+    totals["pcm_dropped_samples"] = 0  # no PCM is received in a room of token clients
     for c in clients:
         stats = c.playout.stats()
         totals["sent"] += c.capture.packets_sent
@@ -234,10 +237,13 @@ def _room_frames(clients: Sequence[SimClient]) -> dict[str, int]:
 def _roundtrip_frames(clients: Sequence[RoundtripClient]) -> dict[str, int]:
     totals = {"sent": 0, "received": 0, "played": 0, "late": 0, "lost": 0, "concealed": 0}
     totals |= {"comfort_noise": 0, "dropped": 0, "playback_underrun_samples": 0}
+    totals["pcm_dropped_samples"] = 0
     for c in clients:
         totals["sent"] += c.frames_sent
         totals["received"] += c._frames_in
         totals["played"] += len(c.records)
+        totals["dropped"] += c.frames_dropped
+        totals["pcm_dropped_samples"] += c.pcm_dropped
         late = c.end.get("late_frames", 0)
         totals["late"] += late if isinstance(late, int) else 0
         totals["playback_underrun_samples"] += c.port.counters().playback_underrun
@@ -346,6 +352,11 @@ def _client(c: Participant) -> dict[str, Any]:
             "concealed": stats.concealed,
         }
     elif isinstance(c, RoundtripClient):
-        out |= {"sent": c.frames_sent, "played": len(c.records)}
+        out |= {
+            "sent": c.frames_sent,
+            "played": len(c.records),
+            "dropped": c.frames_dropped,
+            "pcm_dropped_s": c.pcm_dropped_s,
+        }
     out["server_end"] = getattr(c, "end", {})
     return out

@@ -16,13 +16,16 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import math
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import TypeAlias
 
 import numpy as np
 import numpy.typing as npt
 
+from client.audio import PcmHold
 from client.engine import CaptureSide, PlayoutSide
 from client.errors import ClientError
 from client.files import mode_for
@@ -33,13 +36,17 @@ from streaming.latency import LatencyStats
 from streaming.model import BitrateMode, CodecModel, ModelCard
 from streaming.protocol import PacketTimes, TokenPacket, encode_packet
 
-__all__ = ["RoundtripClient", "SimClient", "SimConfig", "run_room", "run_roundtrip"]
+__all__ = ["RoundtripClient", "SendLog", "SimClient", "SimConfig", "run_room", "run_roundtrip"]
 
 F32: TypeAlias = npt.NDArray[np.float32]
 F64: TypeAlias = npt.NDArray[np.float64]
 
 TAIL_S = 1.0
 """Time after the last captured block during which clients keep playing (drain)."""
+
+SEND_LOG_S = 60.0
+"""Sending history a roundtrip client keeps to time-stamp the frames that come back, s (a
+frame that comes back later than that gets no record)."""
 
 
 @dataclass(frozen=True)
@@ -180,13 +187,67 @@ async def run_room(model: CodecModel, sources: list[F32], config: SimConfig) -> 
     return clients
 
 
+class SendLog:
+    """When the PCM sent so far reached each total: one (cumulative samples, time it was
+    handed to the socket, s) entry per chunk sent.
+
+    `time_of(samples)` answers for totals asked in non-decreasing order (the frames that come
+    back, in order): it drops the entries before its answer, which no later question needs,
+    so each question is O(1) amortised.  At most `capacity` entries are kept (the oldest go
+    first), so memory stays bounded even when nothing is asked.  A question about a dropped
+    entry is answered None (never a wrong time).
+    """
+
+    def __init__(self, capacity: int) -> None:
+        """`capacity`: entries kept (>= 1), e.g. the chunks of the longest delay to answer."""
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1, got {capacity}")
+        self._entries: deque[tuple[int, float]] = deque(maxlen=capacity)
+        self._dropped_total: int | None = None  # total of the latest entry dropped
+        self.total = 0
+        """Samples sent so far."""
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def capacity(self) -> int:
+        """Entries kept at most."""
+        return self._entries.maxlen or 0
+
+    def add(self, n: int, t: float) -> None:
+        """`n` more samples (> 0) went out at time `t` (s)."""
+        if n <= 0:
+            raise ValueError(f"n must be > 0, got {n}")
+        entries = self._entries
+        if len(entries) == entries.maxlen:
+            self._dropped_total = entries[0][0]
+        self.total += n
+        entries.append((self.total, t))
+
+    def time_of(self, samples: int) -> float | None:
+        """When the chunk that brought the total sent to `samples` went out (s); None when
+        not that much has been sent yet, or when that entry was dropped."""
+        entries = self._entries
+        while entries and entries[0][0] < samples:
+            self._dropped_total = entries.popleft()[0]
+        if not entries or (self._dropped_total is not None and samples <= self._dropped_total):
+            return None
+        return entries[0][1]
+
+
 class RoundtripClient:
     """A simulated client of /v1/roundtrip: sends its microphone PCM, plays the PCM that
     comes back (the server encodes and decodes), one `RoundtripRecord` per frame.
 
     The `packet` text message of each frame (`return_tokens`, `timestamps`) precedes its PCM
-    and brings the server times; the k-th PCM message is frame k.  The playback FIFO is
-    primed with `playout_ms` of silence whenever PCM arrives to an empty FIFO.
+    and brings the server times; the k-th PCM message is frame k.  The speaker buffer is held
+    near `playout_ms` as `codec-client call --receive pcm` holds it (`client.audio.PcmHold`):
+    primed with `playout_ms` of silence whenever PCM arrives to an empty buffer, and its
+    oldest audio dropped down to `playout_ms` when a chunk arrives while more than
+    `playout_ms` + 2 frames are queued (a burst after a network stall).  Dropped audio is
+    counted in `pcm_dropped` (samples) and the frames whose start it held in `frames_dropped`
+    (they were never played: no record).
     """
 
     def __init__(self, index: int, model: CodecModel, source: F32, config: SimConfig) -> None:
@@ -201,10 +262,11 @@ class RoundtripClient:
         self.mode = config.mode_for(card)
         self.port = VirtualAudio(rate, source, block=self.block, record_s=config.seconds + 2.0)
         self._chunk: F32 = np.zeros(rate, dtype=np.float32)
-        self._prime = int(config.playout_ms * rate / 1000.0)
+        self._hold = PcmHold.for_playout(config.playout_ms, rate, card.frame_ms)
         self.session: Session | None = None
         self.participant_id = 0
-        self.sent_log: list[tuple[int, float]] = []  # (samples sent so far, time)
+        self.sends = SendLog(math.ceil(SEND_LOG_S * rate / self.block) + 1)
+        """When the microphone PCM went out (to time-stamp the frames that come back)."""
         self._times: dict[int, tuple[int, int]] = {}
         self._frames_in = 0
         self._pending: list[tuple[int, float, int]] = []  # (frame, arrival, position)
@@ -212,6 +274,15 @@ class RoundtripClient:
         self.tick_lag_ms: list[float] = []
         self.end: dict[str, object] = {}
         self.frames_sent = 0
+        self.pcm_dropped = 0
+        """Samples of received PCM the speaker buffer's catch-up dropped."""
+        self.frames_dropped = 0
+        """Frames that came back and were dropped by the catch-up before they started."""
+
+    @property
+    def pcm_dropped_s(self) -> float:
+        """Received PCM the speaker buffer's catch-up dropped, s."""
+        return self.pcm_dropped / self.port.rate
 
     async def connect(self) -> None:
         """Open the roundtrip session."""
@@ -250,22 +321,16 @@ class RoundtripClient:
         n, _ = self.port.read_capture(self._chunk)
         if n:
             data = self._chunk[:n].astype("<f4").tobytes()
-            total = self.sent_log[-1][0] + n if self.sent_log else n
-            self.sent_log.append((total, time.perf_counter()))  # handed to the socket now
+            self.sends.add(n, time.perf_counter())  # handed to the socket now
             await self.session.send_bytes(data)
-            self.frames_sent = total // self.frame
+            self.frames_sent = self.sends.total // self.frame
 
     async def _receive(self) -> None:
         assert self.session is not None
         async for message in self.session.messages():
             now = time.perf_counter()
             if isinstance(message, bytes):
-                pcm = np.frombuffer(message, dtype="<f4")
-                if self.port.playback_queued == 0:
-                    self.port.playback.write_zeros(self._prime)
-                self._pending.append((self._frames_in, now, self.port.playback_written))
-                self.port.write_playback(pcm)
-                self._frames_in += 1
+                self._play_pcm(message, now)
             elif message.get("type") == "packet":
                 packet = message["packet"]
                 times = packet.get("times") or {}
@@ -273,6 +338,32 @@ class RoundtripClient:
                     int(times.get("server_recv_us", 0)),
                     int(times.get("server_send_us", 0)),
                 )
+
+    def _play_pcm(self, data: bytes, arrival: float) -> None:
+        """Queue the next frame that came back (arrived at `arrival`, s), after priming or
+        catching up the speaker buffer (see the class doc)."""
+        pcm = np.frombuffer(data, dtype="<f4")
+        playback = self.port.playback
+        consumed = playback.total_out
+        dropped = self._hold.settle(playback)
+        if dropped:
+            self.pcm_dropped += dropped
+            self._forget_dropped(consumed, playback.total_out)
+        self._pending.append((self._frames_in, arrival, self.port.playback_written))
+        self.port.write_playback(pcm)
+        self._frames_in += 1
+
+    def _forget_dropped(self, start: int, end: int) -> None:
+        """Count and forget the pending frames whose first sample (at playback position
+        `start` <= position < `end`) the catch-up dropped: they never play."""
+        keep: list[tuple[int, float, int]] = []
+        for frame, arrival, position in self._pending:
+            if start <= position < end:
+                self.frames_dropped += 1
+                self._times.pop(frame & 0xFFFF, None)
+            else:
+                keep.append((frame, arrival, position))
+        self._pending = keep
 
     def _resolve(self) -> None:
         consumed = self.port.playback_written - self.port.playback_queued
@@ -283,7 +374,7 @@ class RoundtripClient:
                 continue
             played = self.port.played_time(position)
             times = self._times.pop(frame & 0xFFFF, None)
-            sent = self._sent_time((frame + 1) * self.frame)
+            sent = self.sends.time_of((frame + 1) * self.frame)
             if played is None or times is None or sent is None:
                 continue
             capture = self.port.capture_time(frame * self.frame)
@@ -291,13 +382,6 @@ class RoundtripClient:
                 RoundtripRecord(self.name, frame, capture, sent, *times, arrival, played)
             )
         self._pending = keep
-
-    def _sent_time(self, samples: int) -> float | None:
-        """When the chunk that brought the total sent to `samples` went out."""
-        for total, t in self.sent_log:
-            if total >= samples:
-                return t
-        return None
 
 
 async def _leave(client: RoundtripClient, receiver: asyncio.Task[None]) -> None:

@@ -1,23 +1,31 @@
 """`codec-client call` (client.call, client.cmd_call) on simulated devices: the speaker
-buffer of `--receive pcm`, the room hello, option and --stats-json errors, and how a call ends
-(hang-up vs the server closing it).  The network parts run against real loopback servers."""
+buffer of `--receive pcm`, the room hello, option and --stats-json errors, how a call ends
+(hang-up vs the server closing it) and a sound device that fails to start after the join.
+The network parts run against real loopback servers."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import sys
 import threading
+import types
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from websockets.protocol import State
 
 from client import cmd_call
 from client.__main__ import main
-from client.call import PCM_CATCHUP_MARGIN_FRAMES, CallClient, CallOptions
+from client.audio import PCM_CATCHUP_MARGIN_FRAMES
+from client.call import CallClient, CallOptions
+from client.devices import DeviceAudio
+from client.errors import EXIT_USAGE, ClientError
+from client.session import Session
 from client.virtual import VirtualAudio
 from streaming.model import CodecModel
 from tests.client.conftest import ServerThread
@@ -256,3 +264,105 @@ def test_a_stats_json_write_error_after_the_call_is_one_line(
         f"codec-client call: error: --stats-json {target}: cannot write "
         "(No such file or directory)\n"
     )
+
+
+# ---- a sound device that fails to start once the call has joined ---------------------------
+
+START_ERROR = "Error starting stream: Device unavailable [PaErrorCode -9985]"
+
+
+class PortAudioError(Exception):
+    pass
+
+
+class UnstartableStream:
+    """A PortAudio stream that opens but cannot start (the device went away, is busy, ...)."""
+
+    def __init__(self, opened: list[UnstartableStream], **settings: Any) -> None:
+        self.settings = settings
+        self.closed = False
+        opened.append(self)
+
+    def start(self) -> None:
+        raise PortAudioError(START_ERROR)
+
+    def abort(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def unstartable_audio(opened: list[UnstartableStream]) -> DeviceAudio:
+    """A `DeviceAudio` on a fake sounddevice whose streams (noted in `opened`) fail to start."""
+    sd = types.ModuleType("fake_sounddevice")
+    sd.PortAudioError = PortAudioError  # type: ignore[attr-defined]
+    sd.InputStream = sd.OutputStream = lambda **kw: UnstartableStream(opened, **kw)  # type: ignore[attr-defined]
+    return DeviceAudio(sd, 1, 2, RATE, block=FRAME // 2)
+
+
+async def peer_left(peer: Session, name: str) -> bool:
+    """Read `peer`'s room events until participant `name` joins and then leaves (ClientError
+    when nothing comes for 10 s)."""
+    joined: set[int] = set()
+    while (message := await peer.recv(timeout=10.0)) is not None:
+        if not isinstance(message, dict):
+            continue
+        pid = int(message.get("participant_id", -1))
+        if message.get("type") == "joined" and message.get("name") == name:
+            joined.add(pid)
+        elif message.get("type") == "left" and pid in joined:
+            return True
+    return False
+
+
+async def join_as(server: ServerThread, room: str, name: str) -> Session:
+    hello = {"send": "tokens", "receive": "tokens", "name": name}
+    return await Session.open(server.url, f"/v1/rooms/{room}", hello)
+
+
+async def test_audio_that_fails_to_start_after_the_join_leaves_the_call(
+    model: CodecModel, server: ServerThread
+) -> None:
+    """The call has joined its room when the sound device fails to start: the error comes
+    out of `run` as the usual one-line device error, and nothing is left behind: worker
+    threads stopped, streams closed, session closed, participant gone from the room."""
+    bob = await join_as(server, "nostart", "bob")
+    opened: list[UnstartableStream] = []
+    options = CallOptions(server.url, "nostart", "ghost")
+    client = CallClient(model, unstartable_audio(opened), options)
+    try:
+        with pytest.raises(ClientError) as caught:
+            await client.run()
+        assert caught.value.exit_code == EXIT_USAGE
+        assert str(caught.value) == f"no sound device: cannot start audio ({START_ERROR})"
+        assert client._workers and not any(w.is_alive() for w in client._workers)
+        assert len(opened) == 2 and all(stream.closed for stream in opened)
+        assert client.session is not None and client.session.ws.state is State.CLOSED
+        assert await peer_left(bob, "ghost")
+    finally:
+        await bob.close()
+
+
+async def test_codec_client_call_with_a_device_that_fails_to_start_is_one_line_exit_2(
+    model: CodecModel,
+    server: ServerThread,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    opened: list[UnstartableStream] = []
+    monkeypatch.setattr(cmd_call, "load_model", lambda path: model)
+    monkeypatch.setattr(cmd_call, "_open_audio", lambda args: unstartable_audio(opened))
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+    bob = await join_as(server, "nostart-cli", "bob")
+    argv = ["call", "-q", "--server", server.url, "--room", "nostart-cli", "--name", "ghost"]
+    try:
+        code = await asyncio.to_thread(main, argv)  # main runs its own event loop
+        assert await peer_left(bob, "ghost")  # it left the room, not merely exited
+    finally:
+        await bob.close()
+    assert code == EXIT_USAGE
+    assert capsys.readouterr().err == (
+        f"codec-client call: error: no sound device: cannot start audio ({START_ERROR})\n"
+    )
+    assert all(stream.closed for stream in opened)

@@ -57,8 +57,19 @@ def test_profile_reports_a_stage_budget_that_adds_up(
     assert signal["similarity_median"] > 0.6
     assert signal["lsd_db_median"] < 6.0
     assert abs(signal["residual_ms"]["median"]) < 2.0
-    assert signal["delay_ms"]["p50"] == pytest.approx(e2e["p50"], abs=5.0)
+    # (the delay takes values a frame apart, per receiver and as its jitter buffer steps:
+    # e.g. windows at 94-95 and 114-115 ms; the median of 6 windows and that of all frames
+    # may then fall on different steps, 1 run in 4-6 at the former 5 ms tolerance; the
+    # residual above is the per-window check)
+    assert signal["delay_ms"]["p50"] == pytest.approx(e2e["p50"], abs=25.0)
     # a local, unloaded path: mouth-to-ear within a sane budget, nothing lost
     assert 25.0 < e2e["p50"] < 300.0
     assert profile["frames"]["lost"] == 0
     assert profile["clock_offset"]["seconds"] == 0.0
+    # what a catch-up of the roundtrip speaker buffer dropped is counted (none in a room)
+    dropped = profile["frames"]["pcm_dropped_samples"]
+    assert dropped >= 0 and (mode == "roundtrip" or dropped == 0)
+    assert f"speaker catch-up dropped {dropped} samples" in table
+    if mode == "roundtrip":  # the bundled model: 16 kHz
+        per_client = sum(c["pcm_dropped_s"] for c in profile["per_client"])
+        assert per_client * 16000 == pytest.approx(dropped)
