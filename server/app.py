@@ -28,20 +28,21 @@ from fastapi.middleware.cors import CORSMiddleware
 from server.auth import AuthError, Lease
 from server.codes import CloseCode, SessionError, close_reason
 from server.engine_pool import EnginePool
-from server.http_api import router
+from server.http_api import EXPOSED_HEADERS, router
 from server.messages import Endpoint
 from server.metrics import Metrics
 from server.rooms import RoomRegistry, RoomSession
 from server.session import Session, StreamSession
-from server.settings import Settings
+from server.settings import MIN_BACKLOG_FRAMES, Settings, SettingsError
 from server.state import AppState
-from streaming.model import CodecModel
+from streaming.model import CodecModel, ModelCard
 
 __all__ = ["create_app"]
 
 log = logging.getLogger("codecstream.server")
 
 SessionFactory = Callable[[AppState, WebSocket, Lease], Session]
+
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -73,6 +74,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_origins=list(settings.cors_origins),
             allow_methods=["GET", "POST"],
             allow_headers=["Authorization", "X-API-Key", "Content-Type"],
+            expose_headers=list(EXPOSED_HEADERS)  # readable by a browser page,
         )
     app.include_router(router)
     _websockets(app)
@@ -89,6 +91,7 @@ async def _start(settings: Settings, metrics: Metrics) -> AppState:
         CodecModel.load, settings.model_dir, settings.engine_threads or 1
     )
     card = model.card
+    _check_backlog(settings, card)
     metrics.model_info.labels(card.model_id, str(card.random_weights).lower()).set(1)
     worker = EnginePool(
         model,
@@ -137,6 +140,18 @@ async def _start(settings: Settings, metrics: Metrics) -> AppState:
     else:
         log.info("authentication enabled: %d API key(s)", len(state.admission.limits))
     return state
+
+
+def _check_backlog(settings: Settings, card: ModelCard) -> None:
+    """SettingsError when `max_backlog_ms` is below `MIN_BACKLOG_FRAMES` frames of the loaded
+    model (the parse-time floor `MIN_BACKLOG_MS` assumes 20 ms frames; a session whose
+    backlog limit is under a frame stops reading for good, see `server.settings`)."""
+    least_ms = MIN_BACKLOG_FRAMES * card.frame_ms
+    if settings.max_backlog_ms < least_ms:
+        raise SettingsError(
+            f"max_backlog_ms must be >= {least_ms:g} ms ({MIN_BACKLOG_FRAMES} frames of model "
+            f"{card.model_id}), got {settings.max_backlog_ms:g}"
+        )
 
 
 def _stream(endpoint: Endpoint) -> SessionFactory:

@@ -1,11 +1,12 @@
 """API keys and admission control: who may open a session, and how many.
 
-`Admission.authenticate` finds the key of a request (header `Authorization: Bearer KEY`,
-header `X-API-Key`, or query parameter `api_key`, in that order) and checks it against the
-configured keys in constant time per key.  `Admission.acquire` admits one session against
-the global limit (`max_sessions`) and the key's own limit, returning a `Lease` to release
-when the session ends.  Without configured keys every request is admitted under the key
-`None` (only the global limit applies).
+`Admission.authenticate` takes the keys a request offers (header `Authorization: Bearer
+KEY`, header `X-API-Key`, query parameter `api_key`: any of them, e.g. a proxy's own Bearer
+token beside the client's `X-API-Key`) and admits it under the first of them (in that order)
+that is a configured key, compared in constant time per key.  `Admission.acquire` admits
+one session against the global limit (`max_sessions`) and the key's own limit, returning a
+`Lease` to release when the session ends.  Without configured keys every request is
+admitted under the key `None` (only the global limit applies).
 """
 
 from __future__ import annotations
@@ -73,14 +74,17 @@ class Admission:
         """The request's valid key (None when auth is disabled); AuthError otherwise."""
         if not self.limits:
             return None
-        given = _find_key(headers, query)
-        if given is None:
+        offered = _offered_keys(headers, query)
+        if not offered:
             self.metrics.auth_failures.labels("missing").inc()
             raise AuthError("missing")
         found = None
-        for key in self.limits:  # compare with every key: no early exit
-            if hmac.compare_digest(key.encode(), given.encode()):
-                found = key
+        for given in offered:  # the first valid one, in the order of `_offered_keys`
+            for key in self.limits:  # compare with every key: no early exit
+                if hmac.compare_digest(key.encode(), given.encode()):
+                    found = key
+            if found is not None:
+                break
         if found is None:
             self.metrics.auth_failures.labels("unknown").inc()
             raise AuthError("unknown")
@@ -116,14 +120,18 @@ class Admission:
         self.metrics.sessions_active.labels(lease.endpoint).dec()
 
 
-def _find_key(headers: Mapping[str, str], query: Mapping[str, str]) -> str | None:
+def _offered_keys(headers: Mapping[str, str], query: Mapping[str, str]) -> list[str]:
+    """The non-empty keys a request offers: Bearer token, `X-API-Key`, `api_key` query."""
+    offered: list[str] = []
     auth = headers.get("authorization")
     if auth:
         scheme, _, token = auth.partition(" ")
         if scheme.lower() == "bearer" and token.strip():
-            return token.strip()
+            offered.append(token.strip())
     key = headers.get("x-api-key")
-    if key:
-        return key.strip()
+    if key and key.strip():
+        offered.append(key.strip())
     key = query.get("api_key")
-    return key or None
+    if key:
+        offered.append(key)
+    return offered

@@ -67,12 +67,16 @@ def close_reason(text: str) -> str:
 
 
 class SessionError(Exception):
-    """A session must close with `code` and the human-readable `reason`."""
+    """A session must close with `code` and the human-readable `reason`; `packet_error`: the
+    `ErrorCode` when the cause is a token packet that failed to parse (for the metrics)."""
 
-    def __init__(self, code: CloseCode, reason: str) -> None:
+    def __init__(
+        self, code: CloseCode, reason: str, packet_error: ErrorCode | None = None
+    ) -> None:
         super().__init__(f"{int(code)} {reason}")
         self.code = code
         self.reason = reason
+        self.packet_error = packet_error
 
 
 def protocol_error_close(error: ProtocolError) -> SessionError:
@@ -83,4 +87,4 @@ def protocol_error_close(error: ProtocolError) -> SessionError:
         if error.code is ErrorCode.OVERSIZED
         else CloseCode.MALFORMED_PACKET
     )
-    return SessionError(code, str(error))
+    return SessionError(code, str(error), error.code)

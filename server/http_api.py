@@ -17,7 +17,9 @@ Errors are JSON `{"error": <short code>, "detail": <message>}` with a precise 4x
 400 bad query, 401 no/unknown key, 408 body not received within `upload_timeout_s`, 413
 body over `max_upload_bytes` or audio over `max_file_seconds`, 415 not a usable WAV or
 sample rate, 422 malformed bitstream (the `ErrorCode`) or one made by another model, 429 too
-many sessions, 503 not ready.
+many sessions, 503 not ready.  Format, rate and model errors come before `too_long`: a WAV
+at 1 Hz is 415 however long, a foreign bitstream 422 however many frames.  Integer query
+values are ASCII decimal digits only (`str.isdigit` alone would pass '²').
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import math
+import re
 from typing import Any, Final
 
 from fastapi import APIRouter, Request
@@ -55,15 +58,43 @@ from streaming.protocol import (
     ErrorCode,
     ProtocolError,
     TokenFrame,
+    decode_file_header,
     read_bitstream,
 )
 
-__all__ = ["HttpError", "router"]
+__all__ = ["EXPOSED_HEADERS", "HttpError", "router"]
 
 router = APIRouter()
 
 BITSTREAM_MEDIA_TYPE: Final = "application/vnd.codecstream.bitstream"
+EXPOSED_HEADERS: Final = (
+    "X-Codecstream-Model",
+    "X-Codecstream-Frames",
+    "X-Codecstream-Samples",
+    "X-Codecstream-Num-Codebooks",
+    "X-Codecstream-Lowband-Layout",
+    "X-Codecstream-Bitrate-Kbps",
+    "X-Codecstream-Late-Frames",
+)
+"""Response headers of POST /v1/encode and /v1/decode that CORS lets a
+browser page read (`Access-Control-Expose-Headers`; fetch() shows a cross-origin page only
+the CORS-safelisted ones otherwise)."""
 _RATES: Final = ", ".join(map(str, SUPPORTED_RATES))
+_MAX_INT_DIGITS: Final = 18
+"""Most significant digits `_uint` converts (larger values are out of every range here)."""
+_DECIMAL: Final = re.compile(r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+"""An unsigned ASCII decimal number (`bitrate_kbps`): `6`, `6.`, `.5`, `2.5`, `1e1`."""
+
+
+def _uint(raw: str) -> int | None:
+    """The value of an unsigned ASCII decimal integer (`0`-`9` only, leading zeros allowed),
+    or None for anything else: empty, signs, spaces, non-ASCII digits (`str.isdigit` is true
+    for '²' and '٣', which `int` rejects or reads), or more than `_MAX_INT_DIGITS`
+    significant digits (`int` refuses over 4300)."""
+    if not raw or not raw.isascii() or not raw.isdigit():
+        return None
+    digits = raw.lstrip("0") or "0"
+    return int(digits) if len(digits) <= _MAX_INT_DIGITS else None
 
 
 class HttpError(Exception):
@@ -105,8 +136,8 @@ async def _body(request: Request, settings: Settings) -> bytes:
     """The whole request body: at most `max_upload_bytes` (413), received within
     `upload_timeout_s` (408: a stalled upload must not hold its session slot), not empty."""
     limit = settings.max_upload_bytes
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    declared = _uint(request.headers.get("content-length", ""))
+    if declared is not None and declared > limit:
         raise HttpError(413, "too_large", f"body of {declared} bytes exceeds {limit} bytes")
     chunks: list[bytes] = []
     size = 0
@@ -189,32 +220,41 @@ def _mode_query(state: AppState, request: Request) -> BitrateMode:
             400, "bad_query", "lowband_layout is only valid together with num_codebooks"
         )
     if "num_codebooks" in query:
-        raw = query["num_codebooks"]
-        if not raw.isdigit() or not 1 <= int(raw) <= card.num_codebooks:
-            raise HttpError(
-                400, "bad_query", f"num_codebooks must be an integer in 1..{card.num_codebooks}"
-            )
-        layout = 0
-        if "lowband_layout" in query:
-            layouts = lowband_layouts(card)
-            raw_layout = query["lowband_layout"]
-            if not raw_layout.isdigit() or int(raw_layout) not in layouts:
-                raise HttpError(
-                    400,
-                    "bad_query",
-                    f"lowband_layout must be one of {', '.join(map(str, layouts))}",
-                )
-            layout = int(raw_layout)
-        return mode_of(card, int(raw), layout)
+        return _exact_mode(card, query["num_codebooks"], query.get("lowband_layout"))
     if "bitrate_kbps" in query:
-        try:
-            kbps = float(query["bitrate_kbps"])
-            if not math.isfinite(kbps):
-                raise ValueError("not finite")
-            return card.mode_for_bitrate(kbps)
-        except ValueError as exc:
-            raise HttpError(400, "bad_query", f"bitrate_kbps: {exc}") from None
+        return _budget_mode(card, query["bitrate_kbps"])
     return default_mode(card)
+
+
+def _exact_mode(card: ModelCard, raw_codebooks: str, raw_layout: str | None) -> BitrateMode:
+    """The exact mode of `num_codebooks` (1..Q) and `lowband_layout` (one of the card's
+    layouts; None: 0, no low band), ASCII decimal integers; 400 `bad_query` otherwise."""
+    codebooks = _uint(raw_codebooks)
+    if codebooks is None or not 1 <= codebooks <= card.num_codebooks:
+        raise HttpError(
+            400, "bad_query", f"num_codebooks must be an integer in 1..{card.num_codebooks}"
+        )
+    layouts = lowband_layouts(card)
+    layout = 0 if raw_layout is None else _uint(raw_layout)
+    if layout is None or layout not in layouts:
+        raise HttpError(
+            400, "bad_query", f"lowband_layout must be one of {', '.join(map(str, layouts))}"
+        )
+    return mode_of(card, codebooks, layout)
+
+
+def _budget_mode(card: ModelCard, raw: str) -> BitrateMode:
+    """The card's mode for a budget of `raw` kbps, an unsigned ASCII decimal number (`float`
+    alone would also take '٣', '1_0', ' 6', 'inf'); 400 `bad_query` otherwise."""
+    if not _DECIMAL.fullmatch(raw):
+        raise HttpError(400, "bad_query", f"bitrate_kbps must be a decimal number, got {raw!r}")
+    kbps = float(raw)
+    if not math.isfinite(kbps):
+        raise HttpError(400, "bad_query", f"bitrate_kbps {raw!r} is out of range")
+    try:
+        return card.mode_for_bitrate(kbps)
+    except ValueError as exc:
+        raise HttpError(400, "bad_query", f"bitrate_kbps: {exc}") from None
 
 
 def _modes_entry(card: ModelCard) -> dict[str, Any]:
@@ -294,7 +334,18 @@ async def encode_file(request: Request) -> Response:
         return exc.response()
 
 
+def _check_wav_rate(rate: int) -> None:
+    """415 `unsupported_rate` unless the WAV's `rate` (Hz, from its header: may be 0) is one
+    the framers take."""
+    if rate not in SUPPORTED_RATES:
+        raise HttpError(
+            415, "unsupported_rate", f"sample rate {rate} Hz is not supported (use {_RATES})"
+        )
+
+
 async def _encode(request: Request) -> Response:
+    """`POST /v1/encode`.  Errors in this order: 503, 401, 429, 400 query, body (400, 408,
+    413 `too_large`), WAV (400/415 `bad_wav`), 415 `unsupported_rate`, 413 `too_long`."""
     state = _state(request)
     card = state.card
     lease = _admit(state, request, "http_encode")
@@ -306,13 +357,8 @@ async def _encode(request: Request) -> Response:
             pcm, rate = await asyncio.to_thread(read_wav, body)
         except WavError as exc:
             raise HttpError(exc.status, "bad_wav", exc.message) from None
+        _check_wav_rate(rate)  # first: the duration divides by it (0 Hz), and 415 before 413
         _check_duration(state.settings, len(pcm) / rate, "the WAV file")
-        if rate not in SUPPORTED_RATES:
-            raise HttpError(
-                415,
-                "unsupported_rate",
-                f"sample rate {rate} Hz is not supported (use {_RATES})",
-            )
         job = StreamJob(
             state.model,
             lambda _: None,
@@ -364,6 +410,8 @@ async def decode_file(request: Request) -> Response:
 
 
 def _rate_query(state: AppState, request: Request) -> int:
+    """The output rate (Hz) of a decode query: `sample_rate` (an ASCII decimal integer, one
+    of `SUPPORTED_RATES`: else 415 `unsupported_rate`), default the model's."""
     query = request.query_params
     unknown = sorted(set(query) - {"sample_rate", "api_key"})
     if unknown:
@@ -371,16 +419,15 @@ def _rate_query(state: AppState, request: Request) -> int:
     raw = query.get("sample_rate")
     if raw is None:
         return state.card.sample_rate
-    if not raw.isdigit() or int(raw) not in SUPPORTED_RATES:
-        raise HttpError(
-            415,
-            "unsupported_rate",
-            f"sample_rate must be one of {', '.join(map(str, SUPPORTED_RATES))}",
-        )
-    return int(raw)
+    rate = _uint(raw)
+    if rate is None or rate not in SUPPORTED_RATES:
+        raise HttpError(415, "unsupported_rate", f"sample_rate must be one of {_RATES}")
+    return rate
 
 
 def _check_header(state: AppState, header: BitstreamHeader) -> None:
+    """422 `model_mismatch` unless the bitstream was made by this server's model with its
+    parameters (rate, frame size, bit widths, Q)."""
     card = state.card
     if header.model_id != card.model_id:
         raise HttpError(
@@ -406,29 +453,52 @@ def _check_header(state: AppState, header: BitstreamHeader) -> None:
         )
 
 
+def _protocol_error(state: AppState, exc: ProtocolError) -> HttpError:
+    """422 with the `ErrorCode` of a malformed bitstream (counted in `packet_errors`)."""
+    state.metrics.packet_errors.labels(exc.code.value).inc()
+    return HttpError(422, exc.code.value, exc.message)
+
+
+async def _read_frames(state: AppState, body: bytes) -> list[TokenFrame]:
+    """The frames of a bitstream file `body` made by this model.  Errors in this order: 422
+    for a malformed header (its `ErrorCode`; `oversized` for a header length over 1024
+    bytes), 422 `model_mismatch`, then 413 `too_long` for more frames than
+    `max_file_seconds` of audio (said by the header's count, or met while reading a
+    streamed file), 422 for malformed frames."""
+    try:
+        header, _ = decode_file_header(body)  # at most 1024 bytes: no thread
+    except ProtocolError as exc:
+        raise _protocol_error(state, exc) from None
+    _check_header(state, header)
+    max_frames = math.floor(
+        state.settings.max_file_seconds * state.card.sample_rate / state.card.frame_size
+    )
+    try:
+        _, frames = await asyncio.to_thread(
+            functools.partial(read_bitstream, body, max_frames=max_frames)
+        )
+    except ProtocolError as exc:
+        error = _protocol_error(state, exc)  # counted in packet_errors either way
+        if exc.code == ErrorCode.OVERSIZED:
+            # the header passed above and no max_bytes is given: only the frame limit is left
+            error = HttpError(
+                413, "too_long",
+                f"{exc.message} (max_file_seconds {state.settings.max_file_seconds:g} s)",
+            )
+        raise error from None
+    return frames
+
+
 async def _decode(request: Request) -> Response:
+    """`POST /v1/decode`.  Errors in this order: 503, 401, 429, 400/415 query, body (400,
+    408, 413 `too_large`), then those of `_read_frames` (422, 413 `too_long`)."""
     state = _state(request)
     lease = _admit(state, request, "http_decode")
     try:
         rate = _rate_query(state, request)
         body = await _body(request, state.settings)
         state.metrics.bytes_received.labels("http_decode").inc(len(body))
-        max_frames = math.floor(
-            state.settings.max_file_seconds * state.card.sample_rate / state.card.frame_size
-        )
-        try:
-            header, frames = await asyncio.to_thread(
-                functools.partial(read_bitstream, body, max_frames=max_frames)
-            )
-        except ProtocolError as exc:
-            state.metrics.packet_errors.labels(exc.code.value).inc()
-            if exc.code == ErrorCode.OVERSIZED:
-                raise HttpError(
-                    413, "too_long",
-                    f"{exc.message} (max_file_seconds {state.settings.max_file_seconds:g} s)",
-                ) from None
-            raise HttpError(422, exc.code.value, exc.message) from None
-        _check_header(state, header)
+        frames = await _read_frames(state, body)
         job = StreamJob(
             state.model,
             lambda _: None,

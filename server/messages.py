@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Final
 
-from server.codes import CloseCode, SessionError
+from server.codes import CloseCode, SessionError, protocol_error_close
 from streaming.framing import SUPPORTED_RATES, SampleFormat
 from streaming.lowband import LOWBAND_LAYOUT_NONE
 from streaming.model import BitrateMode, ModelCard
@@ -206,11 +206,30 @@ def _finite_float(text: str) -> float:
     return value
 
 
+MAX_INT_DIGITS: Final = 4300
+"""Longest JSON integer parsed (Python's own limit for int(str)); a longer one is 1007."""
+
+
+def _bounded_int(text: str) -> int:
+    """`json.loads` hook: an integer literal, refused (ValueError) past `MAX_INT_DIGITS`
+    digits with a message for the client rather than Python's own."""
+    digits = len(text) - text.startswith("-")
+    if digits > MAX_INT_DIGITS:
+        raise ValueError(f"integer of {digits} digits is out of range")
+    return int(text)
+
+
 def parse_text(text: str) -> dict[str, Any]:
     """The JSON object of a text message; 1007 when it is not JSON (NaN, Infinity, numbers
-    beyond a double and nesting too deep to parse included) or not an object."""
+    beyond a double or integers beyond `MAX_INT_DIGITS` digits, and nesting too deep to
+    parse included) or not an object."""
     try:
-        value = json.loads(text, parse_constant=reject_json_constant, parse_float=_finite_float)
+        value = json.loads(
+            text,
+            parse_constant=reject_json_constant,
+            parse_float=_finite_float,
+            parse_int=_bounded_int,
+        )
     except ValueError as exc:
         raise SessionError(CloseCode.INVALID_PAYLOAD, f"text message is not JSON: {exc}") from None
     except RecursionError:
@@ -573,5 +592,5 @@ def parse_control(obj: dict[str, Any], hello: Hello, card: ModelCard) -> Control
             max_codebooks=card.num_codebooks,
         )
     except ProtocolError as exc:
-        raise SessionError(CloseCode.MALFORMED_PACKET, str(exc)) from None
+        raise protocol_error_close(exc) from None
     return PacketMessage(packet)

@@ -5,7 +5,8 @@ Names and labels (all counters end in `_total`; times are seconds, Prometheus st
 * `codecstream_sessions_active{endpoint}`, `codecstream_sessions_total{endpoint}`: WebSocket
   sessions (endpoint `encode`, `decode`, `roundtrip`, `room`) and HTTP jobs (`http_encode`,
   `http_decode`) open now / ever admitted;
-* `codecstream_sessions_closed_total{endpoint, code}`: sessions closed, by close code;
+* `codecstream_sessions_closed_total{endpoint, code}`: sessions closed, by close code (a
+  client's own close code outside 1000-1015 as `other`: `server.session.closed_label`);
 * `codecstream_frames_encoded_total{endpoint}`, `codecstream_frames_decoded_total{endpoint}`;
 * `codecstream_frames_late_total{endpoint}`: frames done more than one frame period (20 ms)
   after their input was complete;
@@ -20,8 +21,8 @@ Names and labels (all counters end in `_total`; times are seconds, Prometheus st
   WebSocket message payload bytes and HTTP bodies;
 * `codecstream_rooms_active`, `codecstream_room_participants`;
 * `codecstream_auth_failures_total{reason}`: `missing` or `unknown` key;
-* `codecstream_protocol_errors_total{code}`: sessions closed on a client error, by close code
-  (`4400`, `4422`, ...), and `codecstream_packet_errors_total{error}` by `ErrorCode`;
+* `codecstream_protocol_errors_total{code}`: sessions the server closed on a client error, by
+  close code (`4400`, `4422`, ...), and `codecstream_packet_errors_total{error}` by `ErrorCode`;
 * `codecstream_engine_ticks_total`, `codecstream_engine_cpu_seconds_total` (CPU time of the
   engine threads, s, summed), `codecstream_engine_alive`, `codecstream_model_info`;
 * `codecstream_engine_slow_percent`: the smoothed percentage of slow frames (over 3/4 of

@@ -160,13 +160,15 @@ class RoomRegistry:
         self.metrics.room_participants.inc()
         return room, pid
 
-    def leave(self, room: Room, pid: int, reason: str) -> None:
-        """Participant `pid` left: event to the others, mixer told, empty room deleted."""
+    def leave(self, room: Room, pid: int, reason: str, *, announce: bool = True) -> None:
+        """Participant `pid` left: event to the others (unless `announce` is False: they
+        were never told it joined), mixer told, empty room deleted."""
         if pid not in room.participants:
             return
         room.remove(pid)
         self.metrics.room_participants.dec()
-        room.broadcast(pid, {"type": "left", "participant_id": pid, "reason": reason})
+        if announce:
+            room.broadcast(pid, {"type": "left", "participant_id": pid, "reason": reason})
         room.state.worker.submit(room.mixer, MixLeave(pid))
         if not room.participants and self.rooms.get(room.room_id) is room:
             del self.rooms[room.room_id]
@@ -192,6 +194,9 @@ class RoomSession(Session):
         self.frames_in = 0
         self._dropped_ms = 0.0
         self._leave_reason = "closed"
+        self._announced = False
+        """True once the others were told of this participant (`joined`): only then is its
+        leaving an event for them."""
         self._dropped = state.metrics.frames_dropped.labels("rate")
 
     def _make_outbox(self) -> Outbox[Out]:
@@ -249,8 +254,9 @@ class RoomSession(Session):
             algorithmic_latency_ms=self._latency_ms(hello),
             participants=[p.describe() for q, p in room.participants.items() if q != pid],
         )
-        await self.ws.send_text(to_text(ready))
+        await self._send_ready(ready)
         room.broadcast(pid, {"type": "joined", **self.describe()})
+        self._announced = True
 
     def describe(self) -> dict[str, Any]:
         """This participant as listed in `ready` and `joined`."""
@@ -352,5 +358,5 @@ class RoomSession(Session):
         if room is not None:
             if self.receive is Media.PCM:
                 room.pcm_listeners -= 1
-            state.rooms.leave(room, self.pid, self._leave_reason)
+            state.rooms.leave(room, self.pid, self._leave_reason, announce=self._announced)
             self.room = None

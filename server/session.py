@@ -101,6 +101,25 @@ class PeerGoneError(Exception):
         self.code = code
 
 
+def _gone_on_send(exc: BaseException) -> PeerGoneError:
+    """The `PeerGoneError` of a send that failed because the client had gone: its close code
+    when the WebSocket layer knows it, else 1006."""
+    code = exc.code if isinstance(exc, WebSocketDisconnect) else 0
+    return PeerGoneError(int(code) if code else 1006)
+
+
+_PEER_CODES: Final = frozenset(range(1000, 1016))
+"""Close codes a client's own close is counted under as they are (RFC 6455 and the IANA
+registry); any other code a client sends (3000-4999, ...) is counted as "other", so clients
+cannot create label series at will."""
+
+
+def closed_label(code: int, by_server: bool) -> str:
+    """The `code` label of `codecstream_sessions_closed_total` for a close with `code`,
+    decided by the server (`by_server`) or by the client."""
+    return str(code) if by_server or code in _PEER_CODES else "other"
+
+
 class Session:
     """One WebSocket session (see the module docstring).  Subclasses set `endpoint` and
     implement `_start`, `_on_binary`, `_on_control`, `_cleanup`."""
@@ -181,7 +200,7 @@ class Session:
                 with contextlib.suppress(Exception):
                     async with asyncio.timeout(_CLOSE_TIMEOUT_S):
                         await self.ws.close(code, close_reason(reason))
-            self._count_close(code)
+            self._count_close(code, by_server=send)
             if code not in (CloseCode.NORMAL, CloseCode.GOING_AWAY):
                 log.info(
                     "session %s (%s) closed %d %s",
@@ -199,9 +218,12 @@ class Session:
                 self.lease.release()
                 self.state.unregister(self)
 
-    def _count_close(self, code: int) -> None:
-        self.metrics.sessions_closed.labels(self.endpoint.value, str(code)).inc()
-        if code in _CLIENT_ERRORS:
+    def _count_close(self, code: int, *, by_server: bool) -> None:
+        """Count a close: by code (a client's own code through `closed_label`), and as a
+        protocol error when the server closed on a client error."""
+        label = closed_label(code, by_server)
+        self.metrics.sessions_closed.labels(self.endpoint.value, label).inc()
+        if by_server and code in _CLIENT_ERRORS:
             self.metrics.protocol_errors.labels(str(code)).inc()
 
     async def _guarded(self, body: Any) -> None:
@@ -305,7 +327,7 @@ class Session:
                 )
             self._bytes_in.inc(len(text))
             assert self.hello is not None
-            control = parse_control(parse_text(text), self.hello, self.card)
+            control = self._parse_control(text)
             if isinstance(control, Ping):
                 reply: dict[str, Any] = {
                     "type": "pong",
@@ -316,6 +338,17 @@ class Session:
                 self.outbox.put(Out(to_text(reply)), urgent=True)
             else:
                 self._on_control(control)
+
+    def _parse_control(self, text: str) -> Control:
+        """The control message of `text` (SessionError to close with); a JSON token packet
+        that fails to parse is counted in `codecstream_packet_errors_total` as a binary one."""
+        assert self.hello is not None
+        try:
+            return parse_control(parse_text(text), self.hello, self.card)
+        except SessionError as exc:
+            if exc.packet_error is not None:
+                self.metrics.packet_errors.labels(exc.packet_error.value).inc()
+            raise
 
     def _backlog_full(self) -> bool:
         """Flow control: True while too much input is unanswered (then the receive loop
@@ -345,7 +378,7 @@ class Session:
                         data = bytes(stamped)
                     await ws.send_bytes(data)
             except (RuntimeError, OSError, WebSocketDisconnect) as exc:
-                raise PeerGoneError(1006) from exc
+                raise _gone_on_send(exc) from exc
             finally:
                 self._tx_since = None
             self._bytes_out.inc(len(data))
@@ -395,6 +428,16 @@ class Session:
             "max_message_bytes": self.settings.max_message_bytes,
             "idle_timeout_s": self.settings.idle_timeout_s if self.idle_timeout else None,
         }
+
+    async def _send_ready(self, ready: dict[str, Any]) -> None:
+        """Send the `ready` reply (before the sender task runs); a client that has already
+        gone (e.g. its close frame came with its hello) is a `PeerGoneError`, not a failure."""
+        text = to_text(ready)
+        try:
+            await self.ws.send_text(text)
+        except (RuntimeError, OSError, WebSocketDisconnect) as exc:
+            raise _gone_on_send(exc) from exc
+        self._bytes_out.inc(len(text))
 
     # ---- subclass hooks -------------------------------------------------------------------
 
@@ -480,7 +523,7 @@ class StreamSession(Session):
             return_tokens=hello.return_tokens,
             algorithmic_latency_ms=spec.algorithmic_latency_ms(self.card),
         )
-        await self.ws.send_text(to_text(ready))
+        await self._send_ready(ready)
         self.job = job
         state.worker.add(job)
 

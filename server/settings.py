@@ -7,10 +7,15 @@ line (see `build_parser`); `Settings(...)` builds one directly (tests).
 
 API keys: `CODECSTREAM_API_KEYS="key1,key2:4"` (comma-separated; `:N` gives that key its own
 limit of N concurrent sessions, otherwise `max_sessions_per_key` applies) and/or
-`CODECSTREAM_API_KEYS_FILE` (one `key` or `key:N` per line, `#` comments).  No key configured
-means authentication is disabled (the server logs a warning at start).
+`CODECSTREAM_API_KEYS_FILE` (one `key` or `key:N` per line, `#` comments).  A `#` is part of
+a key given by `--api-key` or `CODECSTREAM_API_KEYS`; in the keys file it starts a comment
+(at the start of an entry or after whitespace), and a `#` inside a key there is an error, so
+a key is never silently cut short.  No key configured means authentication is disabled (the
+server logs a warning at start).
 
-Durations are seconds (suffix `_s`) or milliseconds (suffix `_ms`); sizes are bytes.
+Durations are seconds (suffix `_s`) or milliseconds (suffix `_ms`); sizes are bytes.  Every
+float setting must be a finite number in its range (`_Bounded`), at most `MAX_DURATION_S`
+for a duration, checked on the command line, in the environment and in `Settings(...)`.
 """
 
 from __future__ import annotations
@@ -18,7 +23,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
+import math
 import os
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,22 +58,64 @@ MAX_AUTO_THREADS: Final = 2
 step is hundreds of small operators: more threads mostly wait on each other)."""
 
 
+MAX_DURATION_S: Final = 86_400.0
+"""Longest value of a duration setting, s (one day; 86 400 000 for the `_ms` settings).
+Durations become timers and integers (uvicorn's graceful-shutdown timeout is
+`int(shutdown_timeout_s) + 1`, /v1/decode's frame limit `floor(max_file_seconds * frames/s)`):
+`inf` or 1e300 crashed there; no timeout of the server needs more than a day."""
+
+MAX_SWITCH_INTERVAL_MS: Final = 1000.0
+"""Longest `switch_interval_ms` (`sys.setswitchinterval` turns `inf` into 0 silently): a
+thread may hold the GIL that long while another waits, 50 frame periods of 20 ms; Python's
+default is 5 ms."""
+
+MIN_BACKLOG_FRAMES: Final = 2
+"""Least `max_backlog_ms` in frames of the model (checked against the loaded model's frame
+at start, `server.app`; `MIN_BACKLOG_MS` at parse time, before the model is known)."""
+
+MIN_BACKLOG_MS: Final = MIN_BACKLOG_FRAMES * 20.0
+"""Least `max_backlog_ms`: `MIN_BACKLOG_FRAMES` (2) frames of the bundled model (20 ms each).
+
+A stream session stops reading while more than `max_backlog_ms` of its input is unanswered,
+and input short of a frame (plus the resampler's delay, up to 4.25 ms at 8 kHz) is answered
+only by more input or `end`: below a frame and that delay the session stopped reading for
+good (its `end` was never read).  A room sender's real-time budget holds `max_backlog_ms`
+of audio and a token packet costs a frame: below a frame every packet was dropped.  The
+second frame is slack for network jitter."""
+
+
 def _meta(env: str, help_text: str, parse: Callable[[str], Any] | None = None) -> dict[str, Any]:
     return {"env": ENV_PREFIX + env, "help": help_text, "parse": parse}
 
 
-def _positive_float(raw: str) -> float:
-    value = float(raw)
-    if not value > 0:
-        raise ValueError(f"must be > 0, got {raw}")
-    return value
+@dataclass(frozen=True)
+class _Bounded:
+    """Parser and check of a float setting: a finite number from `low` (excluded when
+    `low_open`) to `high`, in `unit` ("s", "ms", "%")."""
+
+    low: float
+    high: float
+    unit: str
+    low_open: bool = False
+
+    def check(self, value: float) -> float:
+        """`value` when finite and in range, else ValueError naming the range."""
+        above = value > self.low if self.low_open else value >= self.low
+        if not (math.isfinite(value) and above and value <= self.high):
+            raise ValueError(f"must be a finite number {self.range()}, got {value:g}")
+        return value
+
+    def range(self) -> str:
+        """The range in words: '> 0 and <= 86400 s'."""
+        low, high = f"{self.low:.15g}", f"{self.high:.15g}"
+        return f"{'>' if self.low_open else '>='} {low} and <= {high} {self.unit}"
+
+    def __call__(self, raw: str) -> float:
+        return self.check(float(raw))
 
 
-def _non_negative_float(raw: str) -> float:
-    value = float(raw)
-    if not value >= 0:
-        raise ValueError(f"must be >= 0, got {raw}")
-    return value
+_SECONDS: Final = _Bounded(0.0, MAX_DURATION_S, "s", low_open=True)
+"""A duration setting in seconds (`_s`, `max_file_seconds`)."""
 
 
 def _positive_int(raw: str) -> int:
@@ -120,13 +169,6 @@ def auto_engine_threads(processes: int) -> int:
     return max(1, min(_available_cores() // processes, MAX_AUTO_THREADS))
 
 
-def _percent(raw: str) -> float:
-    value = float(raw)
-    if not 0.0 <= value <= 100.0:
-        raise ValueError("must be a percentage in [0, 100]")
-    return value
-
-
 def _port(raw: str) -> int:
     value = int(raw)
     if not 0 <= value <= 65535:
@@ -142,15 +184,35 @@ def _optional_path(raw: str) -> Path | None:
     return Path(raw) if raw else None
 
 
-def parse_api_keys(text: str) -> dict[str, int | None]:
-    """Parse `key` / `key:limit` entries separated by commas or newlines (`#` comments).
+_COMMENT: Final = re.compile(r"(?<![^\s,])#")
+"""A `#` that starts a comment: at the start of a line or of an entry, or after whitespace."""
 
-    Returns {key: per-key session limit or None (use the default)}.  ValueError on a key with
-    whitespace, a non-integer or < 1 limit, or a key listed twice.
+
+def _strip_comment(line: str) -> str:
+    """`line` of a keys file without its `#` comment; ValueError for a `#` inside a key
+    (cutting the key there would make its prefix a valid key)."""
+    match = _COMMENT.search(line)
+    code = line if match is None else line[: match.start()]
+    if "#" in code:
+        raise ValueError(
+            "'#' inside an API key: keys in the keys file cannot contain '#' (it starts a "
+            "comment there; give such a key with --api-key or CODECSTREAM_API_KEYS)"
+        )
+    return code
+
+
+def parse_api_keys(text: str, *, comments: bool = True) -> dict[str, int | None]:
+    """Parse `key` / `key:limit` entries separated by commas or newlines.
+
+    `comments` (the keys file): a `#` at the start of a line or entry or after whitespace
+    starts a comment, a `#` inside a key is an error.  Without `comments` (`--api-key`,
+    `CODECSTREAM_API_KEYS`) a `#` is part of the key.  Returns {key: per-key session limit
+    or None (use the default)}.  ValueError on a key with whitespace, a non-integer or < 1
+    limit, or a key listed twice.
     """
     keys: dict[str, int | None] = {}
     for line in text.splitlines():
-        for entry in line.split("#", 1)[0].split(","):
+        for entry in (_strip_comment(line) if comments else line).split(","):
             entry = entry.strip()
             if not entry:
                 continue
@@ -218,7 +280,7 @@ class Settings:
             "SWITCH_INTERVAL_MS",
             "Python thread switch interval, ms (sys.setswitchinterval): how long an engine "
             "thread back from onnxruntime may wait for the GIL while the event loop runs",
-            _positive_float,
+            _Bounded(0.0, MAX_SWITCH_INTERVAL_MS, "ms", low_open=True),
         ),
     )
     api_keys: tuple[str, ...] = field(
@@ -259,7 +321,7 @@ class Settings:
             "UPLOAD_TIMEOUT",
             "seconds to receive a whole HTTP request body (408 after; the file job's session "
             "slot is held meanwhile)",
-            _positive_float,
+            _SECONDS,
         ),
     )
     max_file_seconds: float = field(
@@ -268,32 +330,32 @@ class Settings:
             "MAX_FILE_SECONDS",
             "longest audio of an HTTP file job, s: the WAV sent to /v1/encode, the audio a "
             "bitstream sent to /v1/decode would decode to (413 above)",
-            _positive_float,
+            _SECONDS,
         ),
     )
     handshake_timeout_s: float = field(
         default=10.0,
-        metadata=_meta("HANDSHAKE_TIMEOUT", "seconds from accept to hello", _positive_float),
+        metadata=_meta("HANDSHAKE_TIMEOUT", "seconds from accept to hello", _SECONDS),
     )
     idle_timeout_s: float = field(
         default=30.0,
         metadata=_meta(
-            "IDLE_TIMEOUT", "seconds without a client message (not rooms)", _positive_float
+            "IDLE_TIMEOUT", "seconds without a client message (not rooms)", _SECONDS
         ),
     )
     send_timeout_s: float = field(
         default=10.0,
         metadata=_meta(
-            "SEND_TIMEOUT", "seconds one send may block (client not reading)", _positive_float
+            "SEND_TIMEOUT", "seconds one send may block (client not reading)", _SECONDS
         ),
     )
     keepalive_interval_s: float = field(
         default=20.0,
-        metadata=_meta("KEEPALIVE_INTERVAL", "seconds between WebSocket pings", _positive_float),
+        metadata=_meta("KEEPALIVE_INTERVAL", "seconds between WebSocket pings", _SECONDS),
     )
     keepalive_timeout_s: float = field(
         default=20.0,
-        metadata=_meta("KEEPALIVE_TIMEOUT", "seconds to wait for a pong", _positive_float),
+        metadata=_meta("KEEPALIVE_TIMEOUT", "seconds to wait for a pong", _SECONDS),
     )
     batch_window_ms: float = field(
         default=6.0,
@@ -301,7 +363,7 @@ class Settings:
             "BATCH_WINDOW_MS",
             "engine: longest wait, ms, for other streams' frames to join a step (shortened "
             "so a step ends within half a frame period of its oldest input; 0 = no wait)",
-            _non_negative_float,
+            _Bounded(0.0, MAX_DURATION_S * 1000.0, "ms"),
         ),
     )
     max_slow_percent: float = field(
@@ -312,13 +374,16 @@ class Settings:
             "while more than this percentage of the engine's recent frames (smoothed over "
             "~1.5 s) took it over 3/4 of the frame period, so the sessions running keep real "
             "time; 100 = never refuse",
-            _percent,
+            _Bounded(0.0, 100.0, "%"),
         ),
     )
     max_backlog_ms: float = field(
         default=1000.0,
         metadata=_meta(
-            "MAX_BACKLOG_MS", "input awaiting processing per session, ms of audio", _positive_float
+            "MAX_BACKLOG_MS",
+            f"input awaiting processing per session, ms of audio (at least {MIN_BACKLOG_MS:g}: "
+            f"{MIN_BACKLOG_FRAMES} frames)",
+            _Bounded(MIN_BACKLOG_MS, MAX_DURATION_S * 1000.0, "ms"),
         ),
     )
     send_queue: int = field(
@@ -334,7 +399,7 @@ class Settings:
     shutdown_timeout_s: float = field(
         default=5.0,
         metadata=_meta(
-            "SHUTDOWN_TIMEOUT", "seconds to close sessions on shutdown", _positive_float
+            "SHUTDOWN_TIMEOUT", "seconds to close sessions on shutdown", _SECONDS
         ),
     )
     cors_origins: tuple[str, ...] = field(
@@ -360,10 +425,7 @@ class Settings:
             raise SettingsError(
                 f"log_level must be debug/info/warning/error, got {self.log_level!r}"
             )
-        if not 0.0 <= self.max_slow_percent <= 100.0:
-            raise SettingsError(
-                f"max_slow_percent must be in [0, 100], got {self.max_slow_percent!r}"
-            )
+        self._check_floats()
         if self.event_loop not in EVENT_LOOPS:
             raise SettingsError(
                 f"event_loop must be {'/'.join(EVENT_LOOPS)}, got {self.event_loop!r}"
@@ -372,6 +434,16 @@ class Settings:
             raise SettingsError("event_loop 'uvloop': uvloop is not installed (pip install uvloop)")
         if self.max_sessions_per_key > self.max_sessions:
             object.__setattr__(self, "max_sessions_per_key", self.max_sessions)
+
+    def _check_floats(self) -> None:
+        """SettingsError naming the first float setting outside its range (`_Bounded`)."""
+        for f in dataclasses.fields(self):
+            bounds = f.metadata["parse"]
+            if isinstance(bounds, _Bounded):
+                try:
+                    bounds.check(getattr(self, f.name))
+                except ValueError as exc:
+                    raise SettingsError(f"{f.name} {exc}") from None
 
     # ---- construction ---------------------------------------------------------------------
 
@@ -396,9 +468,10 @@ class Settings:
         """
         raw: dict[str, int | None] = {}
         try:
-            raw.update(parse_api_keys(",".join(self.api_keys)))
+            raw.update(parse_api_keys(",".join(self.api_keys), comments=False))
             if self.api_keys_file is not None:
-                text = self.api_keys_file.read_text(encoding="utf-8")
+                # utf-8-sig: a byte-order mark (Windows editors) is not part of the first key
+                text = self.api_keys_file.read_text(encoding="utf-8-sig")
                 for key, limit in parse_api_keys(text).items():
                     if key in raw:
                         raise ValueError("an API key is listed twice")

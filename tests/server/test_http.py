@@ -6,6 +6,7 @@ import asyncio
 import io
 import json
 import math
+import struct
 import wave
 
 import httpx
@@ -13,8 +14,11 @@ import numpy as np
 import pytest
 
 from server.wav import WavError, read_wav
+from streaming.framing import Resampler
 from streaming.model import ModelCard, default_model_dir
 from streaming.protocol import (
+    BitstreamHeader,
+    BitstreamWriter,
     TokenFrame,
     decode_file_header,
     frame_stream_bits,
@@ -32,6 +36,35 @@ from tests.server.conftest import (
 )
 
 CARD = ModelCard.from_file(default_model_dir() / "card.json")
+
+
+def bitstream(frames: int, model_id: str = CARD.model_id, *, streamed: bool = False) -> bytes:
+    """A bitstream file of `frames` one-codebook frames in the bundled model's parameters
+    (`streamed`: with the unknown frame count, as a live recording writes it)."""
+    header = BitstreamHeader(
+        model_id, CARD.sample_rate, CARD.frame_size, CARD.code_bits, CARD.gain.bits,
+        CARD.num_codebooks,
+    )
+    writer = BitstreamWriter(header)
+    writer.add_frames([TokenFrame(1, 30, (7,))] * frames)
+    return writer.drain(final=True) if streamed else writer.getvalue()
+
+
+def _with_header_length(data: bytes, length: int) -> bytes:
+    """`data` with the file header's header-length field (u16 at byte 6) set to `length`."""
+    patched = bytearray(data)
+    struct.pack_into(">H", patched, 6, length)
+    return bytes(patched)
+
+
+def raw_wav(rate: int, samples: int) -> bytes:
+    """A mono 16-bit WAV of `samples` zeros whose fmt chunk says `rate` Hz (any u32, even
+    0, which `wave` refuses to write)."""
+    data = b"\x00\x00" * samples
+    fmt = struct.pack("<HHIIHH", 1, 1, rate, rate * 2 & 0xFFFFFFFF, 2, 16)
+    body = b"WAVE" + b"fmt " + struct.pack("<I", len(fmt)) + fmt
+    body += b"data" + struct.pack("<I", len(data)) + data
+    return b"RIFF" + struct.pack("<I", len(body)) + body
 
 
 def wav_bytes(pcm: np.ndarray, rate: int = 16000, channels: int = 1) -> bytes:
@@ -183,6 +216,42 @@ async def test_stereo_and_8k_wav_are_accepted(server: ServerThread, clip: np.nda
         ("/v1/decode", b"CSTR\x02", 422, "truncated"),
         ("/v1/decode", b"RIFF", 422, "bad_magic"),
         ("/v1/decode?sample_rate=44100", b"x", 415, "unsupported_rate"),
+        # integers are ASCII digits: '²' passes str.isdigit() but int() raised (500 before);
+        # '٣' / '٨٠٠٠' (Arabic-Indic) were read as 3 / 8000; 5000 digits made int() raise
+        ("/v1/encode?num_codebooks=%C2%B2", b"x", 400, "bad_query"),
+        ("/v1/encode?num_codebooks=%D9%A3", b"x", 400, "bad_query"),
+        pytest.param(
+            "/v1/encode?num_codebooks=" + "1" * 5000, b"x", 400, "bad_query",
+            id="num_codebooks-5000-digits",
+        ),
+        ("/v1/encode?num_codebooks=2&lowband_layout=%C2%B2", b"x", 400, "bad_query"),
+        ("/v1/decode?sample_rate=%C2%B2", b"x", 415, "unsupported_rate"),
+        ("/v1/decode?sample_rate=%D9%A8%D9%A0%D9%A0%D9%A0", b"x", 415, "unsupported_rate"),
+        pytest.param(
+            "/v1/decode?sample_rate=" + "1" * 5000, b"x", 415, "unsupported_rate",
+            id="sample_rate-5000-digits",
+        ),
+        ("/v1/decode?sample_rate=%2B16000", b"x", 415, "unsupported_rate"),
+        # bitrate_kbps: an ASCII decimal number (float() alone takes '٣', '1_0', ' 6')
+        ("/v1/encode?bitrate_kbps=%D9%A3", b"x", 400, "bad_query"),
+        ("/v1/encode?bitrate_kbps=1_0", b"x", 400, "bad_query"),
+        ("/v1/encode?bitrate_kbps=%206", b"x", 400, "bad_query"),
+        ("/v1/encode?bitrate_kbps=inf", b"x", 400, "bad_query"),
+        ("/v1/encode?bitrate_kbps=1e999", b"x", 400, "bad_query"),
+        # a WAV header saying 0 Hz (a ZeroDivisionError, 500, before) or 1 Hz: the rate is
+        # checked before the duration, so 601 samples at 1 Hz (601 s > 600) is 415, not 413
+        pytest.param("/v1/encode", raw_wav(0, 320), 415, "unsupported_rate", id="wav-0Hz"),
+        pytest.param(
+            "/v1/encode", raw_wav(0, 0), 415, "unsupported_rate", id="wav-0Hz-empty"
+        ),
+        pytest.param(
+            "/v1/encode", raw_wav(1, 601), 415, "unsupported_rate", id="wav-1Hz-601s"
+        ),
+        # a header length over 1024 is a malformed header (422 `oversized`), not long audio
+        pytest.param(
+            "/v1/decode", _with_header_length(bitstream(5), 2000), 422, "oversized",
+            id="header-length-2000",
+        ),
     ],
 )
 async def test_http_errors(
@@ -190,15 +259,47 @@ async def test_http_errors(
 ) -> None:
     async with httpx.AsyncClient(base_url=server.http) as client:
         response = await client.post(path, content=body)
-    assert response.status_code == status
+    assert response.status_code == status, response.text
     assert response.json()["error"] == error and response.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    "query", ["?bitrate_kbps=6", "?bitrate_kbps=6.0", "?bitrate_kbps=.6e1", "?num_codebooks=03"]
+)
+async def test_http_encode_takes_ascii_decimal_queries(
+    server: ServerThread, clip: np.ndarray, query: str
+) -> None:
+    """The strict query parsing still takes every plain ASCII spelling."""
+    async with httpx.AsyncClient(base_url=server.http, timeout=30) as client:
+        response = await client.post("/v1/encode" + query, content=wav_bytes(clip[:640]))
+    assert response.status_code == 200, response.text
+    expected = CARD.mode_for_bitrate(6).num_codebooks if "kbps" in query else 3
+    assert response.headers["x-codecstream-num-codebooks"] == str(expected)
+
+
+@pytest.mark.parametrize(("rate", "frames"), [(8000, 0), (24000, 2), (48000, 3)])
+async def test_http_decode_length_at_other_rates(
+    server: ServerThread, rate: int, frames: int
+) -> None:
+    """At a rate other than the model's, /v1/decode gives `frames` x frame_size x rate /
+    16000 samples plus the output resampler's delay (its flush at the end: 34 samples at
+    8 kHz, 51 at 24 kHz, 102 at 48 kHz), a 0-frame file included; at 16 kHz exactly
+    320 per frame."""
+    tail = Resampler(CARD.sample_rate, rate).delay_out_samples
+    async with httpx.AsyncClient(base_url=server.http, timeout=30) as client:
+        response = await client.post(f"/v1/decode?sample_rate={rate}", content=bitstream(frames))
+        plain = await client.post("/v1/decode", content=bitstream(frames))
+    assert response.status_code == 200, response.text
+    pcm, got_rate = read_wav(response.content)
+    assert got_rate == rate
+    assert len(pcm) == frames * CARD.frame_size * rate // CARD.sample_rate + tail
+    assert response.headers["x-codecstream-samples"] == str(len(pcm))
+    assert len(read_wav(plain.content)[0]) == frames * CARD.frame_size
 
 
 async def test_http_rejects_unsupported_rate_and_foreign_model(
     server: ServerThread, clip: np.ndarray
 ) -> None:
-    from streaming.protocol import BitstreamHeader, BitstreamWriter, TokenFrame
-
     writer = BitstreamWriter(BitstreamHeader("other-model", 16000, 320, 10, 6, 12))
     writer.add(TokenFrame(1, 3, (7,)))
     async with httpx.AsyncClient(base_url=server.http) as client:
@@ -301,8 +402,6 @@ async def test_http_decode_refuses_bitstreams_over_max_file_seconds() -> None:
     """A bitstream that would decode to more than `max_file_seconds` is 413 `too_long`,
     counted or streamed: the parser stops at the limit (an all-zero streamed body decodes
     to ~0.6 frames per byte, ~385x its size in PCM)."""
-    from streaming.protocol import BitstreamHeader, BitstreamWriter, TokenFrame
-
     running = start_server(engine_processes=0, max_file_seconds=0.1)  # 5 frames
     card = running.state.card
     header = BitstreamHeader(
@@ -316,6 +415,12 @@ async def test_http_decode_refuses_bitstreams_over_max_file_seconds() -> None:
         bodies[n, "streamed"] = writer.drain(final=True)
     try:
         async with httpx.AsyncClient(base_url=running.http) as client:
+            for streamed in (False, True):
+                # another model's file is 422 model_mismatch however long (413 before)
+                foreign = bitstream(6, "other-model", streamed=streamed)
+                response = await client.post("/v1/decode", content=foreign)
+                assert response.status_code == 422, (streamed, response.text)
+                assert response.json()["error"] == "model_mismatch"
             for (n, kind), body in bodies.items():
                 response = await client.post("/v1/decode", content=body)
                 if n == 5:

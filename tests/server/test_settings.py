@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
 
 import pytest
 
+from server.app import _check_backlog
 from server.codes import CloseCode, SessionError, close_reason
 from server.messages import (
     End,
@@ -17,8 +20,29 @@ from server.messages import (
     parse_control,
     parse_hello,
 )
-from server.settings import Settings, SettingsError, build_parser, parse_api_keys, parse_settings
+from server.settings import (
+    MAX_DURATION_S,
+    MAX_SWITCH_INTERVAL_MS,
+    MIN_BACKLOG_MS,
+    Settings,
+    SettingsError,
+    build_parser,
+    parse_api_keys,
+    parse_settings,
+)
 from streaming.model import CodecModel
+from streaming.protocol import TokenFrame, TokenPacket, encode_packet
+from tests.server.conftest import (
+    CARD,
+    CODE_BITS,
+    GAIN_BITS,
+    connect,
+    hello,
+    load_clip,
+    receive_all,
+    send_pcm,
+    start_server,
+)
 
 
 def test_defaults() -> None:
@@ -66,6 +90,116 @@ def test_api_keys_parsing(tmp_path: Path) -> None:
     assert s.auth_enabled and s.key_limits() == {"z": 5, "x": 2, "y": 5}
     with pytest.raises(SettingsError, match="cannot read"):
         Settings(api_keys_file=tmp_path / "missing").key_limits()
+
+
+def test_a_hash_is_part_of_a_key_given_by_flag_or_environment() -> None:
+    """'#' starts a comment only in the keys file: a flag or environment key keeps it (its
+    prefix before '#' is no key), and the keys after it are kept too."""
+    s = parse_settings(["--api-key", "Xk#9fQ2", "--api-key", "k2:4"], {})
+    assert s.key_limits() == {"Xk#9fQ2": 16, "k2": 4}
+    env = {"CODECSTREAM_API_KEYS": "team1,s3cr#t,team3:2"}
+    assert Settings.from_env(env).key_limits() == {"team1": 16, "s3cr#t": 16, "team3": 2}
+    assert parse_api_keys("a#b,#c", comments=False) == {"a#b": None, "#c": None}
+
+
+def test_keys_file_comments_never_cut_a_key(tmp_path: Path) -> None:
+    """In the keys file '#' starts a comment at the start of a line or entry or after
+    whitespace; a '#' inside a key is an error (not a shorter key)."""
+    text = "# team keys\nk1,k2:4 # trailing\nk3,# k4 commented out\n"
+    assert parse_api_keys(text) == {"k1": None, "k2": 4, "k3": None}
+    keys = tmp_path / "keys.txt"
+    for line in ("ab#cd", "ok,ab#cd", "k:4#x"):
+        keys.write_text(f"{line}\n", encoding="utf-8")
+        with pytest.raises(SettingsError, match="cannot contain '#'"):
+            Settings(api_keys_file=keys).key_limits()
+
+
+def test_keys_file_with_a_byte_order_mark(tmp_path: Path) -> None:
+    keys = tmp_path / "keys.txt"
+    keys.write_bytes("\ufeffkey1\nkey2:4\n".encode())
+    assert Settings(api_keys_file=keys).key_limits() == {"key1": 16, "key2": 4}
+
+
+FLOAT_SETTINGS = [f for f in dataclasses.fields(Settings) if f.type == "float"]
+"""Every float setting (`from __future__ import annotations`: the types are strings)."""
+
+
+def _flag_of(name: str) -> str:
+    return "--" + name.removesuffix("_s").replace("_", "-")
+
+
+@pytest.mark.parametrize("raw", ["inf", "-inf", "nan", "1e300"])
+@pytest.mark.parametrize("name", [f.name for f in FLOAT_SETTINGS])
+def test_float_settings_must_be_finite_and_bounded(name: str, raw: str) -> None:
+    """inf crashed the start (int(inf) in make_config), /v1/decode (500) and silently made
+    the switch interval 0: refused on the command line, in the environment and in
+    `Settings(...)`, each error naming the setting."""
+    env = next(f.metadata["env"] for f in FLOAT_SETTINGS if f.name == name)
+    with pytest.raises(SettingsError, match=env):
+        Settings.from_env({env: raw})
+    with pytest.raises(SystemExit):
+        parse_settings([f"{_flag_of(name)}={raw}"], {})
+    with pytest.raises(SettingsError, match=name):
+        Settings(**{name: float(raw)})
+
+
+def test_upper_bounds_of_durations_and_switch_interval() -> None:
+    day = parse_settings(["--shutdown-timeout", f"{MAX_DURATION_S:g}"], {})
+    assert day.shutdown_timeout_s == MAX_DURATION_S
+    with pytest.raises(SettingsError, match="shutdown_timeout_s"):
+        Settings(shutdown_timeout_s=MAX_DURATION_S + 1)
+    env = {"CODECSTREAM_MAX_FILE_SECONDS": f"{MAX_DURATION_S + 1:g}"}
+    with pytest.raises(SettingsError, match="CODECSTREAM_MAX_FILE_SECONDS"):
+        Settings.from_env(env)
+    assert Settings(switch_interval_ms=MAX_SWITCH_INTERVAL_MS).switch_interval_ms == 1000.0
+    with pytest.raises(SettingsError, match="switch_interval_ms"):
+        Settings(switch_interval_ms=MAX_SWITCH_INTERVAL_MS + 1)
+    with pytest.raises(SettingsError, match="CODECSTREAM_SWITCH_INTERVAL_MS"):
+        Settings.from_env({"CODECSTREAM_SWITCH_INTERVAL_MS": "0"})
+    assert Settings(batch_window_ms=0.0).batch_window_ms == 0.0
+
+
+def test_max_backlog_below_two_frames_is_refused() -> None:
+    """Below a frame an encode session stopped reading for good and a room sender had every
+    packet dropped: at least `MIN_BACKLOG_MS` (2 frames of 20 ms), and at start 2 frames of
+    the loaded model."""
+    assert 2 * CARD.frame_ms == MIN_BACKLOG_MS
+    with pytest.raises(SettingsError, match="CODECSTREAM_MAX_BACKLOG_MS"):
+        Settings.from_env({"CODECSTREAM_MAX_BACKLOG_MS": "10"})
+    with pytest.raises(SystemExit):
+        parse_settings(["--max-backlog-ms", "39.9"], {})
+    with pytest.raises(SettingsError, match="max_backlog_ms"):
+        Settings(max_backlog_ms=15.0)
+    assert parse_settings(["--max-backlog-ms", "40"], {}).max_backlog_ms == MIN_BACKLOG_MS
+    _check_backlog(Settings(max_backlog_ms=MIN_BACKLOG_MS), CARD)
+    long_frames = dataclasses.replace(CARD, frame_size=2 * CARD.frame_size)  # 40 ms frames
+    with pytest.raises(SettingsError, match="max_backlog_ms must be >= 80 ms"):
+        _check_backlog(Settings(max_backlog_ms=60.0), long_frames)
+
+
+async def test_sessions_work_at_the_least_max_backlog() -> None:
+    """At `MIN_BACKLOG_MS`: an 8 kHz encode session (the resampler holds 4.25 ms more than a
+    frame's remainder) ending on a partial frame reads its `end` and finishes; a room token
+    sender's 2 packets sent at once are both taken (the budget holds 2 frames)."""
+    running = start_server(max_backlog_ms=MIN_BACKLOG_MS, engine_processes=0)
+    try:
+        async with connect(running.ws("/v1/encode")) as ws:
+            await hello(ws, sample_rate=8000)
+            await send_pcm(ws, load_clip()[: 8000 + 120], chunk=8000)  # 1 s, then 15 ms
+            await ws.send(json.dumps({"type": "end"}))
+            got = await receive_all(ws)
+        assert got.code == 1000 and len(got.of_type("end")) == 1
+        assert len(got.binary) >= 50
+        async with connect(running.ws("/v1/rooms/floor")) as ws:
+            await hello(ws, send="tokens", receive="none")
+            for seq in range(2):
+                packet = TokenPacket(0, seq, seq * 20_000, TokenFrame(1, 3, (7,)))
+                await ws.send(encode_packet(packet, code_bits=CODE_BITS, gain_bits=GAIN_BITS))
+            await ws.send(json.dumps({"type": "end"}))
+            end = (await receive_all(ws)).of_type("end")[0]
+        assert (end["frames"], end["dropped_frames"]) == (2, 0)
+    finally:
+        running.stop()
 
 
 def test_every_setting_has_a_flag() -> None:

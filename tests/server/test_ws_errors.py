@@ -4,6 +4,7 @@ bad client never disturbs a concurrent good session."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 
 import numpy as np
@@ -19,6 +20,7 @@ from tests.server.conftest import (
     hello,
     receive_all,
     send_pcm,
+    settle,
     start_server,
 )
 
@@ -42,6 +44,11 @@ def ping_with_id(id_json: str) -> str:
     return '{"type":"ping","id":' + id_json + "}"
 
 
+def _sample(server: ServerThread, name: str, labels: dict[str, str]) -> float:
+    """The server's current value of metric sample `name` with `labels` (0 if absent)."""
+    return server.state.metrics.registry.get_sample_value(name, labels) or 0.0
+
+
 # (path, messages, close code, text the reason must contain)
 BAD_CASES: list[tuple[str, list[str | bytes], int, str]] = [
     ("/v1/encode", [NESTED], CloseCode.INVALID_PAYLOAD, "nested too deeply"),
@@ -56,6 +63,12 @@ BAD_CASES: list[tuple[str, list[str | bytes], int, str]] = [
         ['{"type":"hello","version":1,"bitrate_kbps":1' + "0" * 400 + "}"],
         CloseCode.BAD_REQUEST,
         "bitrate_kbps is out of range",
+    ),
+    (
+        "/v1/encode",
+        ['{"type":"hello","version":1,"bitrate_kbps":1' + "0" * 5000 + "}"],
+        CloseCode.INVALID_PAYLOAD,
+        "integer of 5001 digits is out of range",
     ),
     (
         "/v1/encode",
@@ -284,13 +297,19 @@ async def test_bad_clients_do_not_disturb_a_good_session(
 
 
 async def test_metrics_count_the_errors(server: ServerThread) -> None:
+    """Packet errors are counted by error code, binary and JSON packets alike."""
+    bad_field = {"error": "bad_field"}
+    before = _sample(server, "codecstream_packet_errors_total", bad_field)
     await close_code_of(server.ws("/v1/decode"), HELLO, b"\xc5\x02\x01")
+    json_packet = json.dumps({"type": "packet", "packet": {}})
+    await close_code_of(server.ws("/v1/decode"), hello_with(tokens="json"), json_packet)
     import httpx
 
     async with httpx.AsyncClient() as client:
         text = (await client.get(server.http + "/metrics")).text
     assert 'codecstream_protocol_errors_total{code="4422"}' in text
     assert 'codecstream_packet_errors_total{error="truncated"}' in text
+    assert _sample(server, "codecstream_packet_errors_total", bad_field) == before + 1
     assert 'codecstream_sessions_closed_total{code="4422",endpoint="decode"}' in text
 
 
@@ -302,3 +321,84 @@ async def test_pcm_after_end_is_ignored(server: ServerThread, clip: np.ndarray) 
         await ws.send(b"\x00\x01\x02")  # would be 1007 before `end`
         got = await receive_all(ws)
     assert got.code == CloseCode.NORMAL and len(got.binary) == 2
+
+
+def _masked_frame(opcode: int, payload: bytes) -> bytes:
+    """One client WebSocket frame (FIN, masked with a zero key: payload unchanged)."""
+    assert len(payload) < 126
+    return bytes([0x80 | opcode, 0x80 | len(payload)]) + b"\x00\x00\x00\x00" + payload
+
+
+async def _hello_and_close_in_one_write(port: int, path: str, hello_json: str) -> None:
+    """Open a WebSocket by hand and send the hello and a 1000 close frame in one write (a
+    client that gives up at once), then wait for the server to hang up."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(
+        f"GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+    )
+    await reader.readuntil(b"\r\n\r\n")
+    writer.write(_masked_frame(1, hello_json.encode()) + _masked_frame(8, b"\x03\xe8"))
+    await writer.drain()
+    await asyncio.wait_for(reader.read(), 10)  # until the server closes the connection
+    writer.close()
+
+
+@pytest.mark.parametrize("path", ["/v1/encode", "/v1/rooms/quick"])
+async def test_a_client_that_closes_right_after_its_hello_is_no_server_failure(
+    server: ServerThread, path: str
+) -> None:
+    """The hello and the close frame in one write: the `ready` reply finds the client gone.
+    That is the client's close (counted as such), not an internal error (1011, "session
+    failed" in the log), and in a room the others hear nothing of a participant they were
+    never told had joined."""
+    fields = {"send": "tokens", "receive": "tokens"} if "rooms" in path else {}
+    endpoint = "room" if "rooms" in path else "encode"
+    def closed(*codes: str) -> float:
+        return sum(
+            _sample(server, "codecstream_sessions_closed_total", {"endpoint": endpoint, "code": c})
+            for c in codes
+        )
+
+    async with connect(server.ws("/v1/rooms/quick")) as watcher:
+        await hello(watcher, send="none", receive="tokens")
+        before = closed("1000", "1005", "1006"), closed(str(int(CloseCode.INTERNAL_ERROR)))
+        for _ in range(5):
+            await _hello_and_close_in_one_write(server.port, path, hello_with(**fields))
+        await settle(server, active=1)
+        after = closed("1000", "1005", "1006"), closed(str(int(CloseCode.INTERNAL_ERROR)))
+        assert (after[0] - before[0], after[1] - before[1]) == (5, 0)
+        events: list[dict[str, object]] = []
+        with contextlib.suppress(TimeoutError):
+            while True:
+                events.append(json.loads(await asyncio.wait_for(watcher.recv(), 0.3)))
+        if "rooms" in path:  # each one either joined and left, or was never mentioned
+            joined = [e["participant_id"] for e in events if e["type"] == "joined"]
+            left = [e["participant_id"] for e in events if e["type"] == "left"]
+            assert left == joined
+            assert all(e["reason"] == "closed" for e in events if e["type"] == "left")
+
+
+async def test_a_client_close_code_is_counted_but_never_as_a_protocol_error(
+    server: ServerThread,
+) -> None:
+    """A client closing with its own code: standard codes are counted as they are, others
+    under "other" (clients cannot create label series at will), and no client close counts
+    as a protocol error (those are the server's closes on a client's error)."""
+    def counts() -> tuple[float, ...]:
+        closed = "codecstream_sessions_closed_total"
+        return (
+            _sample(server, closed, {"endpoint": "encode", "code": "other"}),
+            _sample(server, closed, {"endpoint": "encode", "code": "1003"}),
+            _sample(server, closed, {"endpoint": "encode", "code": "4998"}),
+            _sample(server, "codecstream_protocol_errors_total", {"code": "4400"}),
+            _sample(server, "codecstream_protocol_errors_total", {"code": "1003"}),
+        )
+
+    before = counts()
+    for code in (4998, 4997, 4400, 1003):
+        async with connect(server.ws("/v1/encode")) as ws:
+            await hello(ws)
+            await ws.close(code)
+    await settle(server)
+    assert tuple(a - b for a, b in zip(counts(), before, strict=True)) == (3, 1, 0, 0, 0)
