@@ -44,7 +44,6 @@ log = logging.getLogger("codecstream.server")
 SessionFactory = Callable[[AppState, WebSocket, Lease], Session]
 
 
-
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The ASGI app for `settings` (default: `Settings.from_env()`)."""
     settings = settings or Settings.from_env()
@@ -74,7 +73,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_origins=list(settings.cors_origins),
             allow_methods=["GET", "POST"],
             allow_headers=["Authorization", "X-API-Key", "Content-Type"],
-            expose_headers=list(EXPOSED_HEADERS)  # readable by a browser page,
+            expose_headers=list(EXPOSED_HEADERS),  # readable by a browser page
         )
     app.include_router(router)
     _websockets(app)
