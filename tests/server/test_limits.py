@@ -6,6 +6,7 @@ import asyncio
 import json
 import socket
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -221,6 +222,19 @@ FLOOD_LIMIT_BYTES = 64 << 20
 """A flood this large without the server pausing its reading is a failure of flow control
 (it pauses after its outbox limit plus the socket buffers: a few MB)."""
 
+FLOOD_SEND_TIMEOUT_S = 600.0
+"""`send_timeout_s` of the flood tests' servers: their sends block while the client floods
+without reading, and on a loaded machine filling the buffers may take longer than the
+default 10 s; the send timeout has its own test."""
+
+
+@pytest.fixture(scope="module")
+def flood_server() -> Iterator[ServerThread]:
+    """A server whose send timeout never races a slow flood (`FLOOD_SEND_TIMEOUT_S`)."""
+    running = start_server(send_timeout_s=FLOOD_SEND_TIMEOUT_S)
+    yield running
+    running.stop()
+
 
 async def flood_until_server_stops_reading(
     running: ServerThread, ws: ClientConnection, session: Any, *messages: str
@@ -264,11 +278,12 @@ async def read_replies(ws: ClientConnection, flood: Flood) -> list[dict[str, Any
 
 @pytest.mark.parametrize("path", ["/v1/encode", "/v1/rooms/pings"])
 async def test_ping_flood_without_reading_is_flow_controlled(
-    server: ServerThread, path: str
+    flood_server: ServerThread, path: str
 ) -> None:
     """A client that sends pings and does not read: the server holds at most CONTROL_LIMIT
     pongs, stops reading (TCP slows the client down), and answers every ping once the client
     reads."""
+    server = flood_server
     fields = {"send": "none", "receive": "none"} if "rooms" in path else {}
     async with connect(server.ws(path), max_queue=1, sock=small_buffer_socket(server.port)) as ws:
         ready = await hello(ws, **fields)
@@ -292,7 +307,7 @@ async def test_set_bitrate_flood_without_reading_is_flow_controlled() -> None:
     """`bitrate` replies wait in the stream's ordered lane, pongs in the urgent lane: at
     most CONTROL_LIMIT replies of both kinds are owed, then the server stops reading; every
     request is answered once the client reads."""
-    running = start_server(engine_processes=0)
+    running = start_server(engine_processes=0, send_timeout_s=FLOOD_SEND_TIMEOUT_S)
     try:
         url = running.ws("/v1/encode")
         async with connect(url, max_queue=1, sock=small_buffer_socket(running.port)) as ws:
@@ -322,9 +337,12 @@ async def test_set_bitrate_flood_without_reading_is_flow_controlled() -> None:
         running.stop()
 
 
-async def test_client_that_floods_and_vanishes_is_cleaned_up(server: ServerThread) -> None:
+async def test_client_that_floods_and_vanishes_is_cleaned_up(
+    flood_server: ServerThread,
+) -> None:
     """While its reading is paused (flow control), a client that disconnects is still
     noticed: lease and room slot are released well before any timeout."""
+    server = flood_server
     url = server.ws("/v1/rooms/vanish")
     async with connect(url) as other:
         await hello(other, send="none", receive="none")
