@@ -144,6 +144,7 @@ class Session:
         self._tasks: list[asyncio.Task[None]] = []
         self._reading = True
         self._progress = asyncio.Event()  # set by the sender after each message
+        self._reading_paused = False  # the receive loop waits for `_backlog_full` to clear
         self._pending_controls = 0  # set_bitrate / flush requests whose reply is not sent
         self._rx_since: float | None = None  # waiting for a client message since (s)
         self._tx_since: float | None = None  # a send blocked since (s)
@@ -358,9 +359,20 @@ class Session:
 
     async def _wait_backlog(self) -> None:
         """Wait while `_backlog_full` (each message sent may make room)."""
-        while self._backlog_full() and not self.closing:
-            self._progress.clear()
-            await self._progress.wait()
+        self._reading_paused = True
+        try:
+            while self._backlog_full() and not self.closing:
+                self._progress.clear()
+                await self._progress.wait()
+        finally:
+            self._reading_paused = False
+
+    @property
+    def reading_paused(self) -> bool:
+        """True while flow control holds the client's input unread.  It stays True while
+        the message that would make room is in flight (taken from the outbox, blocked in
+        the send), when `_backlog_full` itself may already read False."""
+        return self._reading_paused
 
     async def _send_loop(self) -> None:
         ws = self.ws

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -124,6 +126,34 @@ def clip() -> np.ndarray:
 def connect(url: str, **kwargs: Any) -> Any:
     """`websockets.connect` without compression (the server offers none)."""
     return websockets.connect(url, compression=None, open_timeout=10, **kwargs)
+
+
+def small_buffer_socket(port: int) -> socket.socket:
+    """A connected client socket with small kernel buffers, so that a client that stops
+    reading makes the server's sends block after a few MB."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    return sock
+
+
+@asynccontextmanager
+async def non_reading_client(running: ServerThread, path: str) -> AsyncIterator[ClientConnection]:
+    """A client connection with small socket buffers and a one-message receive queue, for
+    tests that flood without reading.  When the test fails it is aborted, not closed: the
+    close handshake would wait forever to write to a server that has stopped reading."""
+    ws = await connect(running.ws(path), max_queue=1, sock=small_buffer_socket(running.port))
+    try:
+        yield ws
+    except BaseException:
+        ws.transport.abort()
+        raise
+    try:
+        await asyncio.wait_for(ws.close(), 20)
+    except TimeoutError:
+        ws.transport.abort()
+        raise AssertionError("no close within 20 s: the server stopped reading") from None
 
 
 async def hello(ws: ClientConnection, **fields: Any) -> dict[str, Any]:

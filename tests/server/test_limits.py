@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,9 +22,11 @@ from tests.server.conftest import (
     close_code_of,
     connect,
     hello,
+    non_reading_client,
     receive_all,
     send_pcm,
     settle,
+    small_buffer_socket,
     start_server,
 )
 
@@ -182,16 +183,6 @@ async def test_client_that_stops_reading_is_closed_after_send_timeout() -> None:
 # ---- control replies of a client that does not read ---------------------------------------
 
 
-def small_buffer_socket(port: int) -> socket.socket:
-    """A connected client socket with small kernel buffers, so that a client that stops
-    reading makes the server's sends block after a few MB."""
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-    sock.connect(("127.0.0.1", port))
-    return sock
-
-
 def session_of(running: ServerThread, ready: dict[str, Any]) -> Any:
     """The server's session object of the connection that got `ready`."""
     (session,) = [s for s in running.state.sessions if s.session_id == ready["session_id"]]
@@ -241,7 +232,7 @@ async def flood_until_server_stops_reading(
 ) -> tuple[Flood, int]:
     """Flood `messages` without reading until the server has stopped reading the session
     (flow control) and nothing moves any more; (the flood, most messages ever seen in the
-    session's outbox)."""
+    session's outbox).  The flood is stopped when this returns or fails."""
     registry = running.state.metrics.registry
     labels = {"endpoint": session.endpoint.value}
 
@@ -252,19 +243,21 @@ async def flood_until_server_stops_reading(
     peak = 0
     loop = asyncio.get_running_loop()
     hang_guard = loop.time() + 120  # only against a hang: the check is on volume, not time
-    while True:
-        # The server must stop reading once its outbox and the kernel's socket buffers (a
-        # few MB on loopback) are full, however slowly a loaded machine floods it.
-        volume = sum(len(m) for m in messages) * flood.sent / len(messages)
-        assert volume < FLOOD_LIMIT_BYTES, f"the server kept reading ({flood.sent} sent)"
-        assert loop.time() < hang_guard, f"no stall and no progress ({flood.sent} sent)"
-        assert not session.closing and not flood.task.done()
-        before = received()
-        await asyncio.sleep(0.05)
-        peak = max(peak, len(session.outbox))
-        if session._backlog_full() and received() == before:  # stalled: reading paused
-            flood.stop()
-            return flood, peak
+    try:
+        while True:
+            # The server must stop reading once its outbox and the kernel's socket buffers
+            # (a few MB on loopback) are full, however slowly a loaded machine floods it.
+            volume = sum(len(m) for m in messages) * flood.sent / len(messages)
+            assert volume < FLOOD_LIMIT_BYTES, f"the server kept reading ({flood.sent} sent)"
+            assert loop.time() < hang_guard, f"no stall and no progress ({flood.sent} sent)"
+            assert not session.closing and not flood.task.done()
+            before = received()
+            await asyncio.sleep(0.05)
+            peak = max(peak, len(session.outbox))
+            if session.reading_paused and received() == before:  # stalled by flow control
+                return flood, peak
+    finally:
+        flood.stop()
 
 
 async def read_replies(ws: ClientConnection, flood: Flood) -> list[dict[str, Any]]:
@@ -285,7 +278,7 @@ async def test_ping_flood_without_reading_is_flow_controlled(
     reads."""
     server = flood_server
     fields = {"send": "none", "receive": "none"} if "rooms" in path else {}
-    async with connect(server.ws(path), max_queue=1, sock=small_buffer_socket(server.port)) as ws:
+    async with non_reading_client(server, path) as ws:
         ready = await hello(ws, **fields)
         session = session_of(server, ready)
         ping = json.dumps({"type": "ping", "id": "x" * 240})
@@ -309,8 +302,7 @@ async def test_set_bitrate_flood_without_reading_is_flow_controlled() -> None:
     request is answered once the client reads."""
     running = start_server(engine_processes=0, send_timeout_s=FLOOD_SEND_TIMEOUT_S)
     try:
-        url = running.ws("/v1/encode")
-        async with connect(url, max_queue=1, sock=small_buffer_socket(running.port)) as ws:
+        async with non_reading_client(running, "/v1/encode") as ws:
             session = session_of(running, await hello(ws))
             request = json.dumps({"type": "set_bitrate", "num_codebooks": 1})
             ping = json.dumps({"type": "ping", "id": "x" * 240})

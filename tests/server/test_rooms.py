@@ -26,12 +26,13 @@ from tests.server.conftest import (
     encode_with_server,
     hello,
     load_clip,
+    non_reading_client,
     parse_packets,
     receive_all,
     settle,
     start_server,
 )
-from tests.server.test_limits import session_of, small_buffer_socket
+from tests.server.test_limits import session_of
 
 FRAMES = 30
 
@@ -306,6 +307,7 @@ async def block_sends(running: ServerThread, ws: Any, session: Any) -> tuple[int
             await ws.send(ping)
         pings += batch
         while total("codecstream_bytes_received_total") < expected:
+            assert loop.time() < deadline, f"the server stopped reading ({pings} pings)"
             await asyncio.sleep(0.001)
         if session.outbox.urgent:
             sent = total("codecstream_bytes_sent_total")
@@ -320,11 +322,8 @@ async def test_end_reply_is_not_pushed_out_by_packets_forwarded_after_it() -> No
     room slot are released (the packets forwarded after `end` are discarded)."""
     running = start_server(send_queue=3, engine_processes=0)
     try:
-        url = running.ws("/v1/rooms/evict")
-        async with (
-            connect(url, max_queue=1, sock=small_buffer_socket(running.port)) as b,
-            connect(url) as a,
-        ):
+        path = "/v1/rooms/evict"
+        async with non_reading_client(running, path) as b, connect(running.ws(path)) as a:
             session_b = session_of(running, await hello(b, send="none", receive="tokens"))
             await hello(a, send="tokens", receive="none")
             assert json.loads(await asyncio.wait_for(b.recv(), 5))["type"] == "joined"
@@ -372,11 +371,9 @@ async def test_events_to_a_participant_that_does_not_read_close_it_with_4408(
     caplog.set_level(logging.INFO, logger="codecstream.session")
     running = start_server(engine_processes=0)
     try:
-        url = running.ws("/v1/rooms/events")
-        async with (
-            connect(url, max_queue=1, sock=small_buffer_socket(running.port)) as b,
-            connect(url) as a,
-        ):
+        path = "/v1/rooms/events"
+        url = running.ws(path)
+        async with non_reading_client(running, path) as b, connect(url) as a:
             session_b = session_of(running, await hello(b, send="none", receive="none"))
             await hello(a, send="none", receive="none")
             queued, _ = await block_sends(running, b, session_b)
