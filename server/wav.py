@@ -70,6 +70,12 @@ def read_wav(data: bytes) -> tuple[npt.NDArray[np.float32], int]:
     return np.ascontiguousarray(mono, dtype=np.float32), rate
 
 
+def _full_scale(x: npt.NDArray[np.floating[Any]]) -> npt.NDArray[np.floating[Any]]:
+    """Float samples as the streaming framing takes them: non-finite ones 0, the rest
+    clipped to [-1, 1] (so mixing channels down never averages an overload or an inf)."""
+    return np.clip(np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0), -1.0, 1.0)
+
+
 def _decode(raw: bytes, tag: int, bits: int) -> npt.NDArray[np.floating[Any]]:
     if tag == _PCM and bits == 8:
         return (np.frombuffer(raw, dtype=np.uint8).astype(np.float32) - 128.0) / 128.0
@@ -82,10 +88,8 @@ def _decode(raw: bytes, tag: int, bits: int) -> npt.NDArray[np.floating[Any]]:
         return value.astype(np.float32) / float(1 << 23)
     if tag == _PCM and bits == 32:
         return np.frombuffer(raw, dtype="<i4").astype(np.float64) / float(1 << 31)
-    if tag == _FLOAT and bits == 32:
-        return np.nan_to_num(np.frombuffer(raw, dtype="<f4").astype(np.float32))
-    if tag == _FLOAT and bits == 64:
-        return np.nan_to_num(np.frombuffer(raw, dtype="<f8").astype(np.float64))
+    if tag == _FLOAT and bits in (32, 64):
+        return _full_scale(np.frombuffer(raw, dtype="<f4" if bits == 32 else "<f8"))
     raise WavError(
         415,
         f"unsupported WAV encoding (format tag {tag}, {bits} bits): use PCM "
