@@ -17,7 +17,9 @@ Errors are JSON `{"error": <short code>, "detail": <message>}` with a precise 4x
 400 bad query, 401 no/unknown key, 408 body not received within `upload_timeout_s`, 413
 body over `max_upload_bytes` or audio over `max_file_seconds`, 415 not a usable WAV or
 sample rate, 422 malformed bitstream (the `ErrorCode`) or one made by another model, 429 too
-many sessions, 503 not ready.  Format, rate and model errors come before `too_long`: a WAV
+many sessions, 503 not ready (`not_ready`) or shutting down (`shutting_down`: a graceful
+shutdown ends the file jobs in flight, uploads included, as it closes the WebSocket sessions
+with 1001).  Format, rate and model errors come before `too_long`: a WAV
 at 1 Hz is 415 however long, a foreign bitstream 422 however many frames.  Integer query
 values are ASCII decimal digits only (`str.isdigit` alone would pass '²').
 """
@@ -28,6 +30,8 @@ import asyncio
 import functools
 import math
 import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any, Final
 
 from fastapi import APIRouter, Request
@@ -36,7 +40,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.requests import ClientDisconnect
 
 from server.auth import AuthError, Lease
-from server.codes import SessionError
+from server.codes import CloseCode, SessionError
 from server.engine_worker import Fatal, Out
 from server.jobs import Done, EndMark, StreamJob, TokenOutput
 from server.messages import (
@@ -119,6 +123,48 @@ def _state(request: Request) -> AppState:
     if state is None or state.shutting_down:
         raise HttpError(503, "not_ready", "the model is not loaded (starting or stopping)")
     return state
+
+
+class _FileJobHandle:
+    """A file request in flight, registered with the app state like a session, so that a
+    graceful shutdown (`AppState.close_all`) ends it: `close` cancels the request's task."""
+
+    def __init__(self, task: asyncio.Task[Any], path: str) -> None:
+        self.task = task
+        self.path = path
+        self.closed = False
+
+    def __repr__(self) -> str:
+        return f"<file job POST {self.path}>"
+
+    def close(self, code: CloseCode, reason: str) -> None:
+        if not self.closed:
+            self.closed = True
+            self.task.cancel()
+
+    def check_timeouts(self, now: float) -> None:
+        """The upload has its own timeout (`_body`); the job runs at the engine's pace."""
+
+
+@asynccontextmanager
+async def _file_job(request: Request) -> AsyncIterator[None]:
+    """Run a file request as a shutdown-aware job: when the server shuts down meanwhile, the
+    request ends with 503 `shutting_down` (not uvicorn's bare 500 after its grace period)."""
+    state = _state(request)
+    task = asyncio.current_task()
+    assert task is not None
+    handle = _FileJobHandle(task, request.url.path)
+    state.register(handle)
+    try:
+        yield
+    except asyncio.CancelledError:
+        if handle.closed and task.uncancel() == 0:  # ours, not the client's or uvicorn's
+            raise HttpError(
+                503, "shutting_down", "the server is shutting down: retry the request"
+            ) from None
+        raise
+    finally:
+        state.unregister(handle)
 
 
 def _admit(state: AppState, request: Request, endpoint: str) -> Lease:
@@ -329,7 +375,8 @@ async def models(request: Request) -> JSONResponse:
 async def encode_file(request: Request) -> Response:
     """WAV body -> bitstream file."""
     try:
-        return await _encode(request)
+        async with _file_job(request):
+            return await _encode(request)
     except HttpError as exc:
         return exc.response()
 
@@ -404,7 +451,8 @@ async def _encode(request: Request) -> Response:
 async def decode_file(request: Request) -> Response:
     """Bitstream file body -> 16-bit WAV."""
     try:
-        return await _decode(request)
+        async with _file_job(request):
+            return await _decode(request)
     except HttpError as exc:
         return exc.response()
 

@@ -393,6 +393,25 @@ async def test_a_stalled_upload_gets_408_and_frees_its_session_slot(clip: np.nda
         running.stop()
 
 
+async def test_a_graceful_shutdown_answers_an_upload_in_flight_with_503() -> None:
+    """A file request still uploading when the server shuts down is answered 503
+    `shutting_down` (as WebSocket sessions get 1001), not cut off or a bare 500."""
+    running = start_server(engine_processes=0, upload_timeout_s=600, shutdown_timeout_s=5)
+    reader, writer = await asyncio.open_connection("127.0.0.1", running.port)
+    try:
+        writer.write(b"POST /v1/encode HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\nRIFF")
+        await writer.drain()
+        await settle(running, active=1)  # the request holds its session slot
+        await asyncio.to_thread(running.stop)
+        response = await asyncio.wait_for(reader.read(1 << 16), 10)
+    finally:
+        writer.close()
+    head, _, body = response.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 503 "), head
+    assert json.loads(body)["error"] == "shutting_down"
+    assert not running.thread.is_alive()
+
+
 async def test_http_encode_refuses_audio_over_max_file_seconds(clip: np.ndarray) -> None:
     running = start_server(engine_processes=0, max_file_seconds=1.0)
     try:
