@@ -260,11 +260,21 @@ async def flood_until_server_stops_reading(
         flood.stop()
 
 
-async def read_replies(ws: ClientConnection, flood: Flood) -> list[dict[str, Any]]:
+async def read_replies(ws: ClientConnection, flood: Flood, session: Any) -> list[dict[str, Any]]:
     """Read until every message of the (stopped) flood got its reply."""
     replies: list[dict[str, Any]] = []
     while not flood.task.done() or len(replies) < flood.sent:
-        replies.append(json.loads(await asyncio.wait_for(ws.recv(), 10)))
+        try:
+            replies.append(json.loads(await asyncio.wait_for(ws.recv(), 10)))
+        except TimeoutError:
+            raise AssertionError(  # what both ends were doing, should this ever happen
+                f"no reply for 10 s: {len(replies)} replies to {flood.sent} messages, flood "
+                f"{'done' if flood.task.done() else 'sending'}, client write buffer "
+                f"{ws.transport.get_write_buffer_size()} B; server outbox {len(session.outbox)} "
+                f"({session.outbox.urgent} urgent), {session._pending_controls} requests "
+                f"unanswered, reading paused {session.reading_paused}, send blocked "
+                f"{session._tx_since is not None}, closing {session.closing}"
+            ) from None
     await flood.task
     return replies
 
@@ -285,7 +295,7 @@ async def test_ping_flood_without_reading_is_flow_controlled(
         flood, peak = await flood_until_server_stops_reading(server, ws, session, ping)
         assert peak <= CONTROL_LIMIT and len(session.outbox) <= CONTROL_LIMIT
         assert not session.closing
-        pongs = await read_replies(ws, flood)
+        pongs = await read_replies(ws, flood, session)
         assert len(pongs) == flood.sent
         assert all(
             p == {"type": "pong", "id": "x" * 240, "server_time_us": p["server_time_us"]}
@@ -311,7 +321,7 @@ async def test_set_bitrate_flood_without_reading_is_flow_controlled() -> None:
             )
             assert peak <= CONTROL_LIMIT and len(session.outbox) <= CONTROL_LIMIT
             assert session.outbox.urgent + session._pending_controls <= CONTROL_LIMIT
-            replies = await read_replies(ws, flood)
+            replies = await read_replies(ws, flood, session)
             bitrates = [r for r in replies if r["type"] == "bitrate"]
             assert len(bitrates) == (flood.sent + 1) // 2
             assert len(replies) - len(bitrates) == flood.sent // 2  # the pongs
