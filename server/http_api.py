@@ -147,16 +147,17 @@ class _FileJobHandle:
 
 
 @asynccontextmanager
-async def _file_job(request: Request) -> AsyncIterator[None]:
-    """Run a file request as a shutdown-aware job: when the server shuts down meanwhile, the
-    request ends with 503 `shutting_down` (not uvicorn's bare 500 after its grace period)."""
+async def _file_job(request: Request) -> AsyncIterator[AppState]:
+    """Run a file request as a shutdown-aware job (yields the app state; 503 `not_ready`
+    first): when the server shuts down meanwhile, the request ends with 503 `shutting_down`
+    (not uvicorn's bare 500 after its grace period)."""
     state = _state(request)
     task = asyncio.current_task()
     assert task is not None
     handle = _FileJobHandle(task, request.url.path)
     state.register(handle)
     try:
-        yield
+        yield state
     except asyncio.CancelledError:
         if handle.closed and task.uncancel() == 0:  # ours, not the client's or uvicorn's
             raise HttpError(
@@ -375,8 +376,8 @@ async def models(request: Request) -> JSONResponse:
 async def encode_file(request: Request) -> Response:
     """WAV body -> bitstream file."""
     try:
-        async with _file_job(request):
-            return await _encode(request)
+        async with _file_job(request) as state:
+            return await _encode(state, request)
     except HttpError as exc:
         return exc.response()
 
@@ -390,10 +391,10 @@ def _check_wav_rate(rate: int) -> None:
         )
 
 
-async def _encode(request: Request) -> Response:
-    """`POST /v1/encode`.  Errors in this order: 503, 401, 429, 400 query, body (400, 408,
-    413 `too_large`), WAV (400/415 `bad_wav`), 415 `unsupported_rate`, 413 `too_long`."""
-    state = _state(request)
+async def _encode(state: AppState, request: Request) -> Response:
+    """`POST /v1/encode` (after `_file_job`'s 503).  Errors in this order: 401, 429, 400
+    query, body (400, 408, 413 `too_large`), WAV (400/415 `bad_wav`), 415
+    `unsupported_rate`, 413 `too_long`."""
     card = state.card
     lease = _admit(state, request, "http_encode")
     try:
@@ -451,8 +452,8 @@ async def _encode(request: Request) -> Response:
 async def decode_file(request: Request) -> Response:
     """Bitstream file body -> 16-bit WAV."""
     try:
-        async with _file_job(request):
-            return await _decode(request)
+        async with _file_job(request) as state:
+            return await _decode(state, request)
     except HttpError as exc:
         return exc.response()
 
@@ -537,10 +538,10 @@ async def _read_frames(state: AppState, body: bytes) -> list[TokenFrame]:
     return frames
 
 
-async def _decode(request: Request) -> Response:
-    """`POST /v1/decode`.  Errors in this order: 503, 401, 429, 400/415 query, body (400,
-    408, 413 `too_large`), then those of `_read_frames` (422, 413 `too_long`)."""
-    state = _state(request)
+async def _decode(state: AppState, request: Request) -> Response:
+    """`POST /v1/decode` (after `_file_job`'s 503).  Errors in this order: 401, 429, 400/415
+    query, body (400, 408, 413 `too_large`), then those of `_read_frames` (422, 413
+    `too_long`)."""
     lease = _admit(state, request, "http_decode")
     try:
         rate = _rate_query(state, request)
