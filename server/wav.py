@@ -71,8 +71,9 @@ def read_wav(data: bytes) -> tuple[npt.NDArray[np.float32], int]:
 
 
 def _full_scale(x: npt.NDArray[np.floating[Any]]) -> npt.NDArray[np.floating[Any]]:
-    """Float samples as the streaming framing takes them: non-finite ones 0, the rest
-    clipped to [-1, 1] (so mixing channels down never averages an overload or an inf)."""
+    """Float samples at full scale: non-finite ones 0 (as docs/protocol.md says of float32
+    PCM), the rest clipped to [-1, 1], so mixing channels down never averages an overload or
+    an inf."""
     finite: npt.NDArray[np.floating[Any]] = np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
     np.clip(finite, -1.0, 1.0, out=finite)
     return finite

@@ -6,7 +6,8 @@ loop parked in `select`.  `describe_tasks()` finds every running event loop in t
 the chain of awaits from the task's coroutine down to the innermost one, one line per
 frame (``file:line in function``), ending with the future it is parked on.  It runs on
 pytest-timeout's timer thread while the loops are stuck, so it reads the tasks without
-their loops' help and retries when a task set changes under it.
+their loops' help (`asyncio.all_tasks(loop)` is safe from another thread: it retries when
+the task set changes under it).
 """
 
 from __future__ import annotations
@@ -31,15 +32,6 @@ def running_loops() -> list[asyncio.AbstractEventLoop]:
         for obj in gc.get_objects()
         if issubclass(type(obj), asyncio.AbstractEventLoop) and obj.is_running()
     ]
-
-
-def _tasks_of(loop: asyncio.AbstractEventLoop) -> list[asyncio.Task[Any]]:
-    for _ in range(10):
-        try:
-            return sorted(asyncio.all_tasks(loop), key=lambda task: task.get_name())
-        except RuntimeError:  # the set changed while we iterated it: read it again
-            continue
-    return []
 
 
 def _frame_of(awaitable: Any) -> FrameType | None:
@@ -80,11 +72,10 @@ def describe_tasks() -> str:
         return "no running asyncio event loop\n"
     lines: list[str] = []
     for loop in loops:
-        tasks = _tasks_of(loop)
+        tasks = sorted(asyncio.all_tasks(loop), key=lambda task: task.get_name())  # pending only
         lines.append(f"event loop {type(loop).__name__} at {id(loop):#x}: {len(tasks)} task(s)")
         for task in tasks:
-            state = "done" if task.done() else "pending"
-            lines.append(f"  task {task.get_name()} ({state})")
+            lines.append(f"  task {task.get_name()} (pending)")
             waiter = getattr(task, "_fut_waiter", None)  # the future it is parked on
             lines.extend(f"    {step}" for step in await_chain(task.get_coro(), waiter))
     return "\n".join(lines) + "\n"

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Coroutine
-from typing import Any
 
 from tests.taskdump import await_chain, describe_tasks
 
@@ -24,7 +22,7 @@ def test_a_task_parked_in_another_threads_loop_is_described_down_to_its_future()
     gate: asyncio.Future[None] = loop.create_future()
 
     async def outer() -> None:
-        parked.set()
+        loop.call_soon(parked.set)  # runs once this task is parked on `gate`
         await _middle(gate)
 
     task = loop.create_task(outer(), name="parked-task")
@@ -50,11 +48,7 @@ def test_a_finished_coroutine_is_one_line_with_nothing_waited_on() -> None:
         return 1
 
     coro = done()
-    assert asyncio.run(_run(coro)) == 1
+    assert asyncio.run(coro) == 1
     (line,) = await_chain(coro)
     assert line.startswith("tests/test_taskdump.py:")
     assert line.endswith(".<locals>.done")
-
-
-async def _run(coro: Coroutine[Any, Any, int]) -> int:
-    return await coro

@@ -357,9 +357,9 @@ def test_wav_reader_formats() -> None:
     assert info.value.status == 400
 
 
-def test_wav_reader_takes_float_samples_as_the_streaming_framing_does() -> None:
-    """Float WAV samples are clipped to [-1, 1] and non-finite ones become 0 (as the
-    WebSocket float32 format's), before any down-mix."""
+def test_wav_reader_clips_float_samples_and_zeroes_non_finite_ones() -> None:
+    """Float WAV samples are clipped to [-1, 1] and non-finite ones become 0 (what
+    docs/protocol.md says of float32 PCM), before any down-mix."""
     loud = np.array([0.5, 1.5, -3.0, np.inf, -np.inf, np.nan, 1e30, -0.25], dtype=np.float32)
     samples, _ = read_wav(_float_wav(loud, 16000))
     assert samples.tolist() == [0.5, 1.0, -1.0, 0.0, 0.0, 0.0, 1.0, -0.25]
